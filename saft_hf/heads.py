@@ -77,3 +77,50 @@ class ZeroShotHead(nn.Module):
         from safetensors.torch import load_file
 
         return cls(load_file(str(path))["weight"])
+
+
+# --- encoder + frozen head, the trainable model of every classification family -------------------
+
+
+def mean_pooled_text_features(encoder: nn.Module, inputs: dict) -> torch.Tensor:
+    """Sentence-transformers style: mean of the last hidden states over non-padding tokens."""
+    out = encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                  **({"token_type_ids": inputs["token_type_ids"]} if "token_type_ids" in inputs else {}))
+    hidden = out.last_hidden_state
+    mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1e-9)
+
+
+def clip_image_features(encoder: nn.Module, inputs: dict) -> torch.Tensor:
+    """CLIP image embeddings (after the visual projection) from `CLIPVisionModelWithProjection`."""
+    return encoder(pixel_values=inputs["pixel_values"]).image_embeds
+
+
+FEATURE_FUNCTIONS: dict[str, Callable[[nn.Module, dict], torch.Tensor]] = {
+    "mean_pooled_text": mean_pooled_text_features,
+    "clip_image": clip_image_features,
+}
+
+
+class EncoderClassifier(nn.Module):
+    """A trainable encoder with a frozen `ZeroShotHead`: what `SAFTTrainer` fine-tunes per task.
+
+    `forward(**inputs, labels=None)` returns `{"loss", "logits"}` (cross-entropy when labels are
+    given), so it drops into `Trainer`. Only `encoder.*` parameters exist; the head is a buffer.
+    Save the encoder alone (`model.encoder.save_pretrained`) for merging.
+    """
+
+    def __init__(self, encoder: nn.Module, head: ZeroShotHead, features: str):
+        super().__init__()
+        if features not in FEATURE_FUNCTIONS:
+            raise ValueError(f"unknown feature function {features!r}; choose one of {sorted(FEATURE_FUNCTIONS)}")
+        self.encoder = encoder
+        self.head = head
+        self.features = features
+
+    def forward(self, labels: torch.Tensor | None = None, **inputs):
+        logits = self.head(FEATURE_FUNCTIONS[self.features](self.encoder, inputs))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits, labels)
+        return out
