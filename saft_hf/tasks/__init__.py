@@ -1,0 +1,1 @@
+"""Task definitions, one place each: vision (CLIP 8 tasks), GLUE text-to-text, the offline text demo."""
