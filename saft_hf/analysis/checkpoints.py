@@ -1,0 +1,48 @@
+"""Task vectors from fine-tuned checkpoints on disk, for the diagnostics.
+
+Weights are read as stored (`saft_hf.merging.open_source`: HF model dirs, safetensors / .bin files,
+sharded or not), so nothing is randomly initialized on load (e.g. a pooler the checkpoint lacks).
+Only floating-point weights present in both theta0 and the checkpoint enter the task vector.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+__all__ = ["load_state_dict", "task_vectors_from_checkpoints"]
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor stored in a checkpoint (directory or file), keyed as stored.
+
+    A name that is not an existing path is loaded as a model (`AutoModel.from_pretrained`, e.g. a hub name).
+    """
+    from saft_hf.merging import open_source
+
+    if not Path(path).exists():
+        from transformers import AutoModel
+
+        return {k: v.detach().clone() for k, v in AutoModel.from_pretrained(str(path)).state_dict().items()}
+    src = open_source(str(path))
+    try:
+        return {k: src.get(k) for k in src.keys()}
+    finally:
+        src.close()
+
+
+def task_vectors_from_checkpoints(pretrained: Mapping[str, torch.Tensor],
+                                  checkpoints: Mapping[str, str | Path]) -> dict[str, dict[str, torch.Tensor]]:
+    """{task: checkpoint} -> {task: tau = finetuned - pretrained} via `saft_hf.merging.task_vector`."""
+    from saft_hf.merging import task_vector
+
+    out = {}
+    for task, path in checkpoints.items():
+        ft = load_state_dict(path)
+        common = [k for k, v in pretrained.items() if k in ft and torch.is_floating_point(v)]
+        if not common:
+            raise KeyError(f"checkpoint {path} (task {task!r}) shares no weight names with the pretrained model; "
+                           f"e.g. pretrained has {list(pretrained)[:2]}, checkpoint has {list(ft)[:2]}")
+        out[task] = task_vector({k: pretrained[k] for k in common}, {k: ft[k] for k in common})
+    return out

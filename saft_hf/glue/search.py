@@ -1,0 +1,108 @@
+"""Merge GLUE fine-tuned Flan-T5 models with the coefficient chosen on validation data (the paper's protocol).
+
+`search_glue_merge` scores every grid point of `saft_hf.merging.search_coefficients` with a
+`GlueEvaluator` (validation split, optionally a seeded subset), then writes the merged model at
+the best point with `saft_hf.merging.merge_models` (an HF model dir with tokenizer, model card
+and merge config) plus `search.json` with every grid point's scores.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+from saft_hf.tasks.glue import get_task
+
+SEARCH_FILE = "search.json"
+_MERGE_METHOD = {"task_arithmetic": ("task_arithmetic", False), "ties": ("ties", False),
+                 "dare_task_arithmetic": ("task_arithmetic", True), "dare_ties": ("ties", True)}
+
+
+def task_vector_for(path: str | os.PathLike, name: str):
+    """A streamed task vector for a fine-tuned HF model dir or a PEFT LoRA adapter dir."""
+    from saft_hf.merging.io import is_lora_adapter, open_source
+    from saft_hf.merging.taskvectors import CheckpointTaskVector, LoraTaskVector
+
+    if is_lora_adapter(path):
+        return LoraTaskVector(path, name)
+    return CheckpointTaskVector(open_source(str(path)), name)
+
+
+def search_glue_merge(
+    pretrained: str | os.PathLike,
+    finetuned: Mapping[str, str | os.PathLike],
+    output_dir: str | os.PathLike,
+    method: str = "task_arithmetic",
+    grid: Mapping[str, list] | None = None,
+    finetuned_scores: Mapping[str, float] | None = None,
+    data_paths: Mapping[str, str] | None = None,
+    max_samples: int | None = None,
+    overwrite: bool = False,
+    device: str | None = None,
+    **evaluator_kwargs,
+) -> dict:
+    """Search merging coefficients for `finetuned` ({task: run dir}) on validation, save the best merge.
+
+    Returns {"search": SearchResult.to_dict(), "merge": merge report, "best_params": ...}.
+    """
+    import torch
+
+    from saft_hf.glue.predict import make_glue_evaluator
+    from saft_hf.io_utils import write_json_atomic
+    from saft_hf.merging import merge_models, open_source, search_coefficients
+
+    if method not in _MERGE_METHOD:
+        raise ValueError(f"method must be one of {sorted(_MERGE_METHOD)}, got {method!r}")
+    tasks = [get_task(t).name for t in finetuned]
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} exists; choose another output directory or pass overwrite=True")
+    pretrained = resolve_model_dir(pretrained)
+    base = open_source(pretrained)
+    pretrained_state = {k: base.get(k) for k in base.keys()}
+    vectors = {t: task_vector_for(finetuned[t], t) for t in finetuned}
+    evaluator = make_glue_evaluator(tasks, str(pretrained), split="validation", max_samples=max_samples,
+                                    data_paths=data_paths, **evaluator_kwargs)
+    evaluator.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    result = search_coefficients(pretrained_state, list(vectors.values()), evaluator, method=method, grid=grid,
+                                 finetuned_accuracy=finetuned_scores)
+    best = dict(result.best.params)
+    merge_method, with_dare = _MERGE_METHOD[method]
+    config = {"pretrained": str(pretrained), "models": [{"name": t, "path": str(finetuned[t])} for t in finetuned],
+              "method": merge_method, "params": {k: v for k, v in best.items() if k != "drop_rate"}}
+    if with_dare:
+        config["dare"] = {"drop_rate": best["drop_rate"]}
+    merge_report = merge_models(config, output_dir, overwrite=overwrite, progress=False)
+    record = {"search": result.to_dict(), "best_params": best, "merge_config": config,
+              "max_samples": max_samples, "tasks": tasks}
+    write_json_atomic(output_dir / SEARCH_FILE, record)
+    return {**record, "merge": merge_report}
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> str:
+    """A local directory for a model: the path itself, or the Hub snapshot (downloaded or from the cache).
+
+    Merging reads weight files directly, so a Hub name such as google/flan-t5-base is turned into
+    its local snapshot directory first.
+    """
+    if Path(name_or_path).exists():
+        return str(name_or_path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    except Exception as exc:  # offline and not cached, unknown repo, ...
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is neither a local directory nor obtainable from the Hub ({exc}); "
+            "download it once (huggingface-cli download ...) or pass a local directory"
+        ) from exc
+
+
+def summary_table(reports: Mapping[str, str | os.PathLike]) -> str:
+    """One Markdown table over several `glue_eval.json` reports ({row name: path})."""
+    import json
+
+    from saft_hf.evaluation import markdown_table
+
+    rows = {name: json.loads(Path(path).read_text()) for name, path in reports.items()}
+    return markdown_table(rows)

@@ -1,0 +1,64 @@
+"""`saft-hf merge CONFIG.yaml --output DIR`: merge fine-tuned checkpoints on disk, streamed."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+EPILOG = """\
+example config (recipes/merge_examples/ties_vit_b32.yaml):
+
+  pretrained: openai/clip-vit-base-patch32   # HF model dir or checkpoint file (Hub name only if cached)
+  models:                                     # fine-tuned checkpoints: HF dirs, .safetensors/.bin
+    - {name: cars, path: checkpoints/cars}     # files, sharded or not, or PEFT LoRA adapter dirs
+    - {name: dtd,  path: checkpoints/dtd}
+  method: ties              # weighted_average | task_arithmetic | ties
+  params:                   # optional; defaults reproduce the TIES / SAFT papers
+    scaling: 0.3            # lambda (task_arithmetic: one alpha, or a list with one per model)
+    density: 0.2            # keep the top 20% magnitudes of each task vector (mask rate 0.8)
+    trim_scope: global      # global (whole model, paper) | per_tensor (PEFT / mergekit)
+    sign_method: sum        # sum (sign of summed values, paper) | count (majority of signs)
+    disjoint: mean          # mean of agreeing entries (paper) | sum (FusionBench)
+  dare: {drop_rate: 0.5, seed: 0, rescale: true}   # optional, in front of task_arithmetic / ties
+  max_shard_size: 2GB
+
+The output directory is an HF model (sharded safetensors + index, the base model's config and
+tokenizer files), with merge_config.yaml, merge_report.json and a README.md model card. It is
+written under a temporary name and renamed when complete. Coefficient search (alpha / density /
+drop-rate grids scored on validation data) needs an evaluator and runs from Python:
+saft_hf.merging.search_coefficients(pretrained, task_vectors, evaluate, method="ties").
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = ("Merge fine-tuned checkpoints of one pretrained model (weighted average, task arithmetic, "
+                          "TIES, DARE) tensor by tensor, without loading all models at once.")
+    parser.epilog = EPILOG
+    parser.add_argument("config", help="YAML merge config (see the example below)")
+    parser.add_argument("--output", "-o", required=True, help="output directory for the merged model")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (only after the new one is complete)")
+    parser.add_argument("--max-shard-size", default=None, help="override max_shard_size from the config, e.g. 500MB")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def run(args) -> int:
+    from .io import CheckpointError
+    from .pipeline import MergeConfig, merge_models
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = MergeConfig.from_yaml(args.config)
+        if args.max_shard_size:
+            config.max_shard_size = args.max_shard_size
+        report = merge_models(config, args.output, overwrite=args.overwrite, progress=not args.no_progress)
+    except (CheckpointError, ValueError, KeyError, FileNotFoundError, FileExistsError) as exc:
+        print(f"saft-hf merge: error: {exc}", file=sys.stderr)
+        return 1
+    for note in report.get("notes", []):
+        print(f"note: {note}")
+    print(f"merged {report['merged_tensors']} tensors with {report['method']} into {args.output} "
+          f"({len(report['shards'])} shard(s), {report['total_bytes'] / 1e6:.1f} MB)")
+    print(json.dumps({"method": report["method"], "params": report["params"]}))
+    return 0

@@ -1,0 +1,361 @@
+"""Lazy tensor sources (HF model dirs, safetensors / .bin checkpoints, sharded or not, in-memory
+state dicts) and sinks (in-memory dict, sharded safetensors with an HF index).
+
+A source hands out one tensor at a time, so merging T models never holds T models in memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be read or does not fit the others (message names file/key and fix)."""
+
+
+class TensorSource:
+    """Read-only mapping key -> tensor, loaded on demand."""
+
+    name: str = "<memory>"
+    directory: Path | None = None  # where config/tokenizer files live, if any
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def get(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def info(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        t = self.get(key)
+        return tuple(t.shape), t.dtype
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop (first dimension) of a tensor; sources that can read a slice lazily do."""
+        return self.get(key)[start:stop]
+
+    def storage_groups(self) -> list[list[str]]:
+        """Groups of keys known to share storage (only in-memory sources can know this)."""
+        return []
+
+    def close(self) -> None:
+        pass
+
+    def __contains__(self, key: str) -> bool:
+        return key in set(self.keys())
+
+
+class DictSource(TensorSource):
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], name: str = "<state dict>"):
+        self.state_dict = state_dict
+        self.name = name
+        self._keys = list(state_dict.keys())
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.state_dict[key]
+
+    def info(self, key):
+        t = self.state_dict[key]
+        return tuple(t.shape), t.dtype
+
+    def storage_groups(self) -> list[list[str]]:
+        # Tied parameters (T5 shared/embed_tokens/lm_head) are one storage under several names.
+        by_storage: dict[tuple, list[str]] = {}
+        for k, t in self.state_dict.items():
+            if not isinstance(t, torch.Tensor) or t.numel() == 0:
+                continue
+            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            by_storage.setdefault(ident, []).append(k)
+        return [g for g in by_storage.values() if len(g) > 1]
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class SafetensorsSource(TensorSource):
+    """One or several .safetensors files, read lazily with `safe_open` (mmap, no full load)."""
+
+    def __init__(self, files: list[Path], name: str, directory: Path | None = None):
+        from safetensors import safe_open
+
+        self.name = name
+        self.directory = directory
+        self._handles = []
+        self._where: dict[str, int] = {}
+        self._info: dict[str, tuple] = {}
+        for i, f in enumerate(files):
+            try:
+                h = safe_open(str(f), framework="pt", device="cpu")
+                keys = list(h.keys())
+            except Exception as exc:  # safetensors raises its own error types for corrupt files
+                raise CheckpointError(
+                    f"cannot read safetensors file {f}: {exc}. The file is corrupt or incomplete; "
+                    "re-save or re-download it."
+                ) from exc
+            self._handles.append(h)
+            for k in keys:
+                self._where[k] = i
+                sl = h.get_slice(k)
+                self._info[k] = (tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype()))
+
+    def keys(self):
+        return list(self._where)
+
+    def info(self, key):
+        shape, dtype = self._info[key]
+        if dtype is None:
+            return tuple(self.get(key).shape), self.get(key).dtype
+        return shape, dtype
+
+    def get_rows(self, key, start, stop):
+        try:
+            return self._handles[self._where[key]].get_slice(key)[start:stop]
+        except Exception as exc:
+            raise CheckpointError(f"cannot read rows {start}:{stop} of {key!r} from {self.name}: {exc}") from exc
+
+    def get(self, key):
+        try:
+            return self._handles[self._where[key]].get_tensor(key)
+        except KeyError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"cannot read tensor {key!r} from {self.name}: {exc}") from exc
+
+    def close(self):
+        self._handles.clear()
+
+
+class TorchBinSource(TensorSource):
+    """PyTorch pickle checkpoints (.bin); each file is loaded whole (mmap=True) when first needed,
+    and only one file is kept at a time."""
+
+    def __init__(self, files: list[Path], name: str, directory: Path | None = None, weight_map: dict | None = None):
+        self.name = name
+        self.directory = directory
+        self._files = files
+        self._current: tuple[int, dict] | None = None
+        if weight_map is None:
+            weight_map = {}
+            for i, f in enumerate(files):
+                for k in self._load(i):
+                    weight_map[k] = f.name
+        name_to_index = {f.name: i for i, f in enumerate(files)}
+        self._where = {k: name_to_index[v] for k, v in weight_map.items()}
+
+    def _load(self, i: int) -> dict:
+        if self._current is not None and self._current[0] == i:
+            return self._current[1]
+        self._current = None  # drop the previous file before loading the next
+        f = self._files[i]
+        try:
+            sd = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"cannot read PyTorch checkpoint {f}: {exc}. The file is corrupt or not a state dict.") from exc
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{f} does not hold a state dict (got {type(sd).__name__})")
+        sd = sd.get("state_dict", sd) if "state_dict" in sd and isinstance(sd["state_dict"], dict) else sd
+        self._current = (i, sd)
+        return sd
+
+    def keys(self):
+        return list(self._where)
+
+    def get(self, key):
+        return self._load(self._where[key])[key]
+
+    def close(self):
+        self._current = None
+
+
+def _files_from_index(index_path: Path) -> tuple[list[Path], dict]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except Exception as exc:
+        raise CheckpointError(f"cannot read index {index_path}: {exc}") from exc
+    names = list(dict.fromkeys(weight_map.values()))
+    files = [index_path.parent / n for n in names]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"index {index_path} lists shard files that do not exist: {missing}")
+    return files, weight_map
+
+
+def is_lora_adapter(path: str | os.PathLike) -> bool:
+    return Path(path).is_dir() and (Path(path) / ADAPTER_CONFIG).exists()
+
+
+def open_source(spec) -> TensorSource:
+    """A `TensorSource` for a state dict, an HF model directory, or a checkpoint file/index."""
+    if isinstance(spec, TensorSource):
+        return spec
+    if isinstance(spec, Mapping):
+        return DictSource(spec)
+    path = Path(spec)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist (expected an HF model directory or a .safetensors/.bin file)")
+    if path.is_dir():
+        if (path / SAFE_INDEX).exists():
+            files, _ = _files_from_index(path / SAFE_INDEX)
+            return SafetensorsSource(files, str(path), path)
+        if (path / SAFE_SINGLE).exists():
+            return SafetensorsSource([path / SAFE_SINGLE], str(path), path)
+        if (path / BIN_INDEX).exists():
+            files, wm = _files_from_index(path / BIN_INDEX)
+            return TorchBinSource(files, str(path), path, wm)
+        if (path / BIN_SINGLE).exists():
+            return TorchBinSource([path / BIN_SINGLE], str(path), path)
+        shards = sorted(path.glob("*.safetensors"))
+        if shards:
+            return SafetensorsSource(shards, str(path), path)
+        raise CheckpointError(
+            f"no weights found in {path}: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}"
+            + (" (this is a PEFT adapter directory; pass it as a fine-tuned model, not as the base)" if is_lora_adapter(path) else "")
+        )
+    if path.name.endswith(".index.json"):
+        files, wm = _files_from_index(path)
+        if files and files[0].suffix == ".safetensors":
+            return SafetensorsSource(files, str(path), path.parent)
+        return TorchBinSource(files, str(path), path.parent, wm)
+    if path.suffix == ".safetensors":
+        return SafetensorsSource([path], str(path), path.parent)
+    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+        return TorchBinSource([path], str(path), path.parent)
+    raise CheckpointError(f"do not know how to read {path}: use a directory, .safetensors, .bin or an *.index.json file")
+
+
+# ----------------------------------------------------------------------------------------------
+# sinks
+
+
+class DictSink:
+    def __init__(self, shapes: Mapping[str, tuple] | None = None):
+        self.state_dict: dict[str, torch.Tensor] = {}
+        self.shapes = shapes or {}
+
+    def write(self, key: str, tensor: torch.Tensor, start_row: int | None = None) -> None:
+        if start_row is None:
+            self.state_dict[key] = tensor
+            return
+        if key not in self.state_dict:  # row blocks of one tensor: assemble in place
+            self.state_dict[key] = torch.empty(self.shapes[key], dtype=tensor.dtype)
+        self.state_dict[key][start_row:start_row + tensor.shape[0]] = tensor
+
+    def close(self) -> dict:
+        return self.state_dict
+
+
+def parse_size(size) -> int:
+    """'2GB' / '500MB' / '20KB' / int bytes -> bytes (decimal units, as transformers uses)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot parse size {size!r}; use e.g. '2GB', '500MB' or a number of bytes")
+    unit = (m.group(2) or "B").upper()
+    factor = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(float(m.group(1)) * factor)
+
+
+_DTYPE_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class ShardedSafetensorsSink:
+    """Write tensors straight into pre-laid-out safetensors shards of at most `max_shard_size`
+    bytes (a larger single tensor gets its own shard) plus `model.safetensors.index.json`, named as
+    `save_pretrained` names them. The layout (every key's shape and dtype) is known before
+    merging, so each shard's header is written first and each tensor (or row block of a tensor)
+    is written at its offset as soon as it is computed: memory stays at one piece."""
+
+    def __init__(self, directory, layout: list[tuple[str, tuple, torch.dtype]], max_shard_size="2GB",
+                 metadata: dict | None = None):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        max_bytes = parse_size(max_shard_size)
+        meta = {"format": "pt", **(metadata or {})}
+        shards: list[list[tuple[str, tuple, torch.dtype, int]]] = [[]]
+        size = 0
+        for key, shape, dtype in layout:
+            nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+            if shards[-1] and size + nbytes > max_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((key, tuple(shape), dtype, nbytes))
+            size += nbytes
+        n = len(shards)
+        self.files: list[Path] = []
+        self._where: dict[str, tuple[int, int, tuple, torch.dtype]] = {}  # key -> (file, offset, shape, dtype)
+        self._written: dict[str, int] = {}
+        self.total_bytes = 0
+        self.total_params = 0
+        self._handles = []
+        for i, entries in enumerate(shards):
+            name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            header, offset = {"__metadata__": meta}, 0
+            for key, shape, dtype, nbytes in entries:
+                header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # data must start 8-byte aligned
+            path = self.directory / name
+            f = open(path, "wb")
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            f.truncate(8 + len(raw) + offset)
+            data_start = 8 + len(raw)
+            for key, shape, dtype, nbytes in entries:
+                self._where[key] = (i, data_start + int(header[key]["data_offsets"][0]), shape, dtype)
+                self.total_bytes += nbytes
+                self.total_params += int(torch.Size(shape).numel())
+            self.files.append(path)
+            self._handles.append(f)
+
+    def write(self, key: str, tensor: torch.Tensor, start_row: int | None = None) -> None:
+        if key not in self._where:
+            raise KeyError(f"{key!r} is not part of the output layout")
+        i, offset, shape, dtype = self._where[key]
+        tensor = tensor.detach().to(dtype).contiguous()
+        if start_row is None and tuple(tensor.shape) != shape:
+            raise ValueError(f"tensor {key!r} has shape {list(tensor.shape)}, expected {list(shape)}")
+        row_bytes = (int(torch.Size(shape[1:]).numel()) if len(shape) > 1 else 1) * tensor.element_size()
+        f = self._handles[i]
+        f.seek(offset + (start_row or 0) * row_bytes)
+        data = tensor.reshape(-1)
+        f.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        self._written[key] = self._written.get(key, 0) + tensor.numel()
+
+    def close(self) -> list[Path]:
+        for f in self._handles:
+            f.close()
+        self._handles = []
+        missing = [k for k, (_, _, shape, _) in self._where.items() if self._written.get(k, 0) != torch.Size(shape).numel()]
+        if missing:
+            raise RuntimeError(f"internal error: tensors not (fully) written: {missing[:5]}")
+        if len(self.files) > 1:
+            index = {"metadata": {"total_parameters": self.total_params, "total_size": self.total_bytes},
+                     "weight_map": {k: self.files[i].name for k, (i, *_rest) in sorted(self._where.items())}}
+            (self.directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return list(self.files)
+
+
+def weight_files(directory: Path) -> Iterable[Path]:
+    for p in directory.iterdir():
+        if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt") or p.name.endswith(".index.json"):
+            yield p

@@ -1,0 +1,162 @@
+"""The sharpness-aware perturbation (SAM / ASAM) as pure functions over lists of tensors.
+
+No Trainer knowledge lives here, so analysis code and other trainers can reuse it.
+
+For parameters w with gradient g, a radius rho and a scale operator T:
+    n = || T * g ||                 (one global norm over every perturbed tensor)
+    e = rho * T * T * g / (n + 1e-12)
+SAM is T = 1; ASAM (Kwon et al., 2021) is T = |w| + eta. `scaled[i]` says whether tensor i gets
+T = |w| + eta (True) or T = 1 (False); see `adaptive_scale_mask` for the two conventions.
+
+`perturbation_` writes e into the gradient tensors in place (they are the caller's scratch), so the
+only extra memory for a SAM step is the backup made by `perturb_`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+EPSILON = 1e-12
+# Largest number of elements turned into a temporary |w| at once (bounds the scratch memory of ASAM).
+_SCRATCH_NUMEL = 1 << 22
+
+
+@dataclass
+class PerturbationResult:
+    """What `perturbation_` did. `applied` is False when the gradient norm was not finite."""
+
+    applied: bool
+    grad_norm: torch.Tensor  # n = ||T g|| (before the finiteness check; may be inf/nan)
+    perturbation_norm: torch.Tensor | None  # ||e||, None when not applied
+
+
+def adaptive_scale_mask(names: Sequence[str], scope: str) -> list[bool]:
+    """Which tensors get T = |w| + eta.
+
+    - "all": every tensor (SAFT paper code, davda54/sam).
+    - "weights": tensors whose name ends in "weight" (official SamsungLabs ASAM); T = 1 for the rest.
+    """
+    if scope == "all":
+        return [True] * len(names)
+    if scope == "weights":
+        return [name.endswith("weight") for name in names]
+    raise ValueError(f"Unknown ASAM scope {scope!r}: use 'all' or 'weights'.")
+
+
+def _chunks(indices: Sequence[int], tensors: Sequence[torch.Tensor], max_numel: int) -> Iterable[list[int]]:
+    """Group tensor indices so each group holds at most `max_numel` elements (or one big tensor)."""
+    group, size = [], 0
+    for i in indices:
+        numel = tensors[i].numel()
+        if group and size + numel > max_numel:
+            yield group
+            group, size = [], 0
+        group.append(i)
+        size += numel
+    if group:
+        yield group
+
+
+def _multiply_by_scale_(
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], scaled: Sequence[bool], eta: float
+) -> None:
+    """grads[i] *= |params[i]| + eta for every scaled tensor, with bounded scratch memory."""
+    indices = [i for i, s in enumerate(scaled) if s]
+    for group in _chunks(indices, params, _SCRATCH_NUMEL):
+        weights = [params[i].detach() for i in group]
+        scale = torch._foreach_abs(weights)
+        if eta:
+            torch._foreach_add_(scale, eta)
+        torch._foreach_mul_([grads[i] for i in group], scale)
+        del scale
+
+
+def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of the concatenation of `tensors`, computed in float32 or wider."""
+    if not tensors:
+        return torch.zeros(())
+    norms = torch._foreach_norm(list(tensors), 2.0)
+    dtype = torch.promote_types(norms[0].dtype, torch.float32)
+    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]), 2.0)
+
+
+@torch.no_grad()
+def perturbation_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    *,
+    rho: float,
+    adaptive: bool = True,
+    eta: float = 0.0,
+    scaled: Sequence[bool] | None = None,
+    all_finite: Callable[[bool], bool] | None = None,
+) -> PerturbationResult:
+    """Turn `grads` into the SAM/ASAM perturbation e, in place.
+
+    `params` and `grads` are aligned lists (no None). `scaled` (default: all True) selects the
+    tensors with T = |w| + eta when `adaptive`; it is ignored for plain SAM. `all_finite` lets a
+    distributed caller agree on finiteness across ranks (e.g. an all-reduce of the local flag);
+    when the agreed answer is False, nothing is perturbed and the caller should take a plain step
+    (the contents of `grads` are then unspecified).
+    """
+    if len(params) != len(grads):
+        raise ValueError(f"params and grads must align, got {len(params)} params and {len(grads)} grads.")
+    if rho < 0:
+        raise ValueError(f"rho must be >= 0, got {rho}.")
+    grads = list(grads)
+    if adaptive:
+        scaled = [True] * len(params) if scaled is None else list(scaled)
+        if len(scaled) != len(params):
+            raise ValueError(f"scaled must have one flag per tensor ({len(params)}), got {len(scaled)}.")
+        _multiply_by_scale_(params, grads, scaled, eta)  # g <- T g
+    grad_norm = global_norm(grads) if grads else torch.zeros(())
+    finite = bool(torch.isfinite(grad_norm))
+    if all_finite is not None:
+        finite = all_finite(finite)
+    if not finite or not grads:
+        return PerturbationResult(applied=False, grad_norm=grad_norm, perturbation_norm=None)
+    if adaptive:
+        _multiply_by_scale_(params, grads, scaled, eta)  # T g -> T T g
+    factor = rho / (grad_norm.item() + EPSILON)
+    torch._foreach_mul_(grads, factor)
+    return PerturbationResult(applied=True, grad_norm=grad_norm, perturbation_norm=global_norm(grads))
+
+
+@torch.no_grad()
+def perturb_(params: Sequence[torch.Tensor], perturbation: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """w <- w + e in place (works for views into flat buffers); returns the backups of w."""
+    params = [p.detach() for p in params]
+    backups = torch._foreach_mul(params, 1.0) if params else []  # one fused clone
+    if params:
+        torch._foreach_add_(params, [e.to(p.dtype) for p, e in zip(params, perturbation)])
+    return backups
+
+
+@torch.no_grad()
+def restore_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor]) -> None:
+    """Copy the backups back in place (never by subtracting e, which drifts in low precision)."""
+    if params:
+        torch._foreach_copy_([p.detach() for p in params], list(backups))
+
+
+def reference_perturbation(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    *,
+    rho: float,
+    adaptive: bool = True,
+    eta: float = 0.0,
+    scaled: Sequence[bool] | None = None,
+) -> list[torch.Tensor]:
+    """Out-of-place, one-line-per-formula version of `perturbation_` (for tests and analysis)."""
+    if scaled is None:
+        scaled = [True] * len(params)
+    scales = [
+        (p.detach().abs() + eta) if (adaptive and s) else torch.ones_like(p) for p, s in zip(params, scaled)
+    ]
+    tg = torch.cat([(t * g).flatten() for t, g in zip(scales, grads)])
+    n = tg.norm()
+    return [rho * t * t * g / (n + EPSILON) for t, g in zip(scales, grads)]

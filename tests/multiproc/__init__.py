@@ -1,0 +1,1 @@
+"""Worker scripts launched by the multi-process trainer tests, plus the hand-written SAM reference."""

@@ -1,0 +1,150 @@
+"""The demo study end to end on a tiny BERT (built from a BertConfig, WordPiece vocab written to
+disk) with tiny synthetic tasks: heads, fine-tuning with SAFTTrainer (AdamW and ASAM), merging,
+report structure, normalized = merged / individual, and resuming from cached checkpoints."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from saft_hf.demo import model as demo_model
+from saft_hf.demo import sources, study
+from saft_hf.heads import EncoderClassifier, ZeroShotHead
+from saft_hf.tasks.text_demo import TextTask
+
+WORDS = ["red", "blue", "apple", "sky", "sea", "fire", "good", "bad", "film", "movie", "a", "the", "is", "this",
+         "color", "mood", "happy", "sad", "very", "of", "thing", "about", "."]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    path = tmp_path_factory.mktemp("tiny_bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    # transformers 5: the WordPiece vocabulary is passed as a dict (saved as tokenizer.json)
+    tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(vocab)})
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(path)
+    return str(path)
+
+
+def _synthetic(words0, words1, n, seed):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = i % 2
+        keys = words1 if label else words0
+        filler = rng.sample(["a", "the", "is", "this", "of", "thing", "very"], 3)
+        out.append((" ".join(rng.sample(keys, 2) + filler), label))
+    return out
+
+
+def _tasks():
+    color = TextTask(name="color", title="toy colors", source="none", member="", class_names=("red", "blue"),
+                     templates=("a {} thing .", "the color is {} ."), description="toy",
+                     raw_labels=("0", "1"))
+    mood = TextTask(name="mood", title="toy mood", source="none", member="", class_names=("bad", "good"),
+                    templates=("this film is {} .",), description="toy", raw_labels=("0", "1"))
+    return {
+        "color": (color, {"all": _synthetic(["red", "fire", "apple"], ["blue", "sky", "sea"], 80, 0)}),
+        "mood": (mood, {"train": _synthetic(["bad", "sad"], ["good", "happy"], 60, 1),
+                        "test": _synthetic(["bad", "sad"], ["good", "happy"], 20, 2)}),
+    }
+
+
+def _config(model_dir, tmp_path, **kw):
+    base = dict(model=model_dir, tasks=("color", "mood"), seeds=(0,), methods=("adamw", "asam"), max_length=16,
+                train_steps=6, batch_size=8, learning_rate=3e-3, logit_scale_grid=(10.0, 50.0), max_test=16,
+                search_val_size=8, ta_grid=(0.5, 1.0), ties_grid=(1.0,), eval_batch_size=16,
+                cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "report"), task_data_override=_tasks())
+    base.update(kw)
+    return study.StudyConfig(**base)
+
+
+def test_zero_shot_head_on_tiny_model(tiny_model_dir):
+    tokenizer = demo_model.load_tokenizer(tiny_model_dir)
+    encoder = demo_model.load_encoder(tiny_model_dir)
+    tasks = [spec for spec, _ in _tasks().values()]
+    unit = demo_model.unit_heads(encoder, tokenizer, tasks, max_length=16)
+    for spec in tasks:
+        w = unit[spec.name]
+        assert w.shape == (2, encoder.config.hidden_size)
+        assert torch.allclose(w.norm(dim=-1), torch.ones(2), atol=1e-5)
+    head = ZeroShotHead(unit["color"] * 20.0)
+    model = EncoderClassifier(encoder, head, "mean_pooled_text")
+    assert not any("head" in name for name, _ in model.named_parameters())  # the head is frozen
+    batch = demo_model.pad_batch(tokenizer(["red apple", "blue sky sea"])["input_ids"], tokenizer.pad_token_id)
+    out = model(labels=torch.tensor([0, 1]), **batch)
+    assert out["logits"].shape == (2, 2) and out["loss"].requires_grad
+    # logits are cosine similarities times the scale
+    assert float(out["logits"].detach().abs().max()) <= 20.0 + 1e-4
+    assert not torch.allclose(head.weight[0], head.weight[1])  # class prompts embed differently
+
+
+def test_logit_scale_choice_minimizes_validation_loss():
+    unit = {"t": torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)}
+    feats = {"t": torch.tensor([[1.0, 0.2], [0.1, 1.0], [1.0, 0.9]])}
+    labels = {"t": [0, 1, 1]}
+    best, losses = demo_model.choose_logit_scale(unit, feats, labels, [1.0, 5.0, 100.0])
+    assert best == min(losses, key=losses.get)
+    assert set(losses) == {1.0, 5.0, 100.0}
+
+
+def test_study_end_to_end_report_and_resume(tiny_model_dir, tmp_path):
+    cfg = _config(tiny_model_dir, tmp_path)
+    result = study.run_study(cfg)
+    report_dir = tmp_path / "report"
+    for name in ("results.json", "results.md", "merging_adamw_vs_asam.png", "per_task_accuracy.png"):
+        assert (report_dir / name).stat().st_size > 0
+    saved = json.loads((report_dir / "results.json").read_text())
+    assert saved["logit_scale"]["chosen"] in (10.0, 50.0)
+    run = saved["runs"]["0"]["methods"]
+    assert set(run) == {"adamw", "asam"}
+    for method, res in run.items():
+        individual = res["individual"]["absolute"]
+        assert set(individual) == {"color", "mood"}
+        assert set(res["merges"]) == set(study.MERGES)
+        for merge, rep in res["merges"].items():
+            for task, acc in rep["absolute"].items():
+                assert 0.0 <= acc <= 1.0
+                assert rep["normalized"][task] == pytest.approx(acc / individual[task])
+            assert rep["normalized_mean"] == pytest.approx(sum(rep["normalized"].values()) / 2)
+        assert res["merges"]["task_arithmetic"]["coefficient"] in (0.5, 1.0)
+        assert set(res["merges"]["task_arithmetic"]["validation_search"]) == {"0.5", "1.0"}  # JSON keys
+        assert res["merges"]["task_arithmetic_fixed"]["coefficient"] == 0.4
+        assert res["merges"]["weighted_average"]["coefficient"] == 0.5
+    # ASAM really ran with rho 0.5 and AdamW with rho 0
+    rhos = {k.split("-")[0]: v["sam_rho"] for k, v in saved["training"].items()}
+    assert rhos == {"adamw": 0.0, "asam": 0.5}
+    rows = saved["summary"]
+    assert "zero-shot (pretrained)" in rows
+    assert sum(1 for r in rows.values() if r.get("kind") == "ties") == 2
+    table = (report_dir / "results.md").read_text()
+    assert "| model / fine-tuning | color | mood | avg abs | avg norm | coef |" in table
+    assert "task arithmetic (alpha = 0.4) / ASAM" in table
+    assert saved["diagnostics"]["status"].startswith("skipped")
+    assert result["timings_seconds"]["total"] > 0 and result["resources"]["peak_rss_mb"] > 0
+
+    # second run: every fine-tuned encoder comes from the cache, numbers are identical
+    again = study.run_study(cfg)
+    assert all(r.get("reused_from_cache") for r in again["training"].values())
+    assert again["runs"]["0"]["methods"]["asam"]["merges"]["ties"]["absolute"] == \
+        run["asam"]["merges"]["ties"]["absolute"]
+
+
+def test_study_needs_two_available_tasks(tiny_model_dir, tmp_path, monkeypatch):
+    def unavailable(name, cache_dir=None):
+        raise sources.SourceUnavailable("npm is not installed")
+
+    monkeypatch.setattr(study, "ensure_source", unavailable)
+    only_one = {"color": _tasks()["color"]}
+    cfg = _config(tiny_model_dir, tmp_path, tasks=("color", "spam"), task_data_override=only_one)
+    with pytest.raises(RuntimeError, match="at least 2") as err:
+        study.run_study(cfg)
+    assert "npm is not installed" in str(err.value)

@@ -1,0 +1,129 @@
+"""saft_hf.sharpness: SAM/ASAM formulas against direct computation, scopes, non-finite handling."""
+
+import math
+
+import pytest
+import torch
+
+from saft_hf import sharpness
+
+
+def _tensors(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(4, 3, generator=g), torch.randn(3, generator=g), torch.randn(2, 2, 2, generator=g)]
+    grads = [torch.randn(p.shape, generator=g) for p in params]
+    return params, grads
+
+
+def test_sam_is_rho_times_unit_gradient():
+    params, grads = _tensors()
+    expected_norm = math.sqrt(sum(float((g**2).sum()) for g in grads))
+    e = [g.clone() for g in grads]
+    result = sharpness.perturbation_(params, e, rho=0.05, adaptive=False)
+    assert result.applied
+    for ei, g in zip(e, grads):
+        torch.testing.assert_close(ei, 0.05 * g / expected_norm, rtol=1e-6, atol=1e-8)
+    assert float(result.perturbation_norm) == pytest.approx(0.05, rel=1e-5)
+    assert float(result.grad_norm) == pytest.approx(expected_norm, rel=1e-6)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.01])
+def test_asam_all_scope_matches_formula(eta):
+    params, grads = _tensors(1)
+    scaled_grads = [(p.abs() + eta) * g for p, g in zip(params, grads)]
+    n = torch.cat([t.flatten() for t in scaled_grads]).norm()
+    expected = [0.5 * (p.abs() + eta) ** 2 * g / n for p, g in zip(params, grads)]
+    e = [g.clone() for g in grads]
+    result = sharpness.perturbation_(params, e, rho=0.5, adaptive=True, eta=eta)
+    for ei, ex in zip(e, expected):
+        torch.testing.assert_close(ei, ex, rtol=1e-6, atol=1e-8)
+    # ASAM's normalised perturbation T^-1 e has norm rho
+    assert float(torch.cat([(ei / (p.abs() + eta)).flatten() for ei, p in zip(e, params)]).norm()) == pytest.approx(0.5, rel=1e-5)
+    assert float(result.grad_norm) == pytest.approx(float(n), rel=1e-6)
+    for ei, ref in zip(e, sharpness.reference_perturbation(params, grads, rho=0.5, eta=eta)):
+        torch.testing.assert_close(ei, ref, rtol=1e-6, atol=1e-8)
+
+
+def test_weights_scope_leaves_other_tensors_unscaled():
+    names = ["layer.weight", "layer.bias", "norm.weight"]
+    mask = sharpness.adaptive_scale_mask(names, "weights")
+    assert mask == [True, False, True]
+    assert sharpness.adaptive_scale_mask(names, "all") == [True, True, True]
+    with pytest.raises(ValueError, match="scope"):
+        sharpness.adaptive_scale_mask(names, "biases")
+    params, grads = _tensors(2)
+    scales = [params[0].abs() + 0.01, torch.ones_like(params[1]), params[2].abs() + 0.01]
+    n = torch.cat([(t * g).flatten() for t, g in zip(scales, grads)]).norm()
+    e = [g.clone() for g in grads]
+    sharpness.perturbation_(params, e, rho=0.5, eta=0.01, scaled=mask)
+    for ei, t, g in zip(e, scales, grads):
+        torch.testing.assert_close(ei, 0.5 * t * t * g / n, rtol=1e-6, atol=1e-8)
+    for ei, ref in zip(e, sharpness.reference_perturbation(params, grads, rho=0.5, eta=0.01, scaled=mask)):
+        torch.testing.assert_close(ei, ref, rtol=1e-6, atol=1e-8)
+
+
+def test_chunked_scaling_equals_one_shot(monkeypatch):
+    params, grads = _tensors(3)
+    one_shot = [g.clone() for g in grads]
+    sharpness.perturbation_(params, one_shot, rho=0.5)
+    monkeypatch.setattr(sharpness, "_SCRATCH_NUMEL", 5)  # forces one tensor per chunk
+    chunked = [g.clone() for g in grads]
+    sharpness.perturbation_(params, chunked, rho=0.5)
+    for a, b in zip(one_shot, chunked):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_gradient_is_not_applied(bad):
+    params, grads = _tensors(4)
+    grads[1][0] = bad
+    result = sharpness.perturbation_(params, grads, rho=0.5)
+    assert not result.applied and result.perturbation_norm is None
+    assert not math.isfinite(float(result.grad_norm))
+
+
+def test_all_finite_hook_can_veto_a_finite_gradient():
+    params, grads = _tensors(5)
+    seen = []
+
+    def others_overflowed(local):
+        seen.append(local)
+        return False
+
+    result = sharpness.perturbation_(params, grads, rho=0.5, all_finite=others_overflowed)
+    assert seen == [True] and not result.applied
+
+
+def test_loss_scale_invariance_for_fp16_first_pass():
+    """A GradScaler-scaled first-pass gradient gives the same e (why the first pass never unscales)."""
+    params, grads = _tensors(6)
+    plain = [g.clone() for g in grads]
+    scaled = [g.clone() * 65536.0 for g in grads]
+    sharpness.perturbation_(params, plain, rho=0.5)
+    sharpness.perturbation_(params, scaled, rho=0.5)
+    for a, b in zip(plain, scaled):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+
+
+def test_perturb_and_restore_are_in_place_and_exact():
+    params, grads = _tensors(7)
+    flat = torch.cat([p.flatten() for p in params])
+    views, offset = [], 0  # views into one flat buffer, like DeepSpeed ZeRO-1/2 parameters
+    for p in params:
+        views.append(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+    before = flat.clone()
+    e = [g * 1e-3 for g in grads]
+    backups = sharpness.perturb_(views, e)
+    torch.testing.assert_close(flat, before + torch.cat([x.flatten() for x in e]))
+    sharpness.restore_(views, backups)
+    assert torch.equal(flat, before)
+
+
+def test_mismatched_lists_and_negative_rho_raise():
+    params, grads = _tensors()
+    with pytest.raises(ValueError, match="align"):
+        sharpness.perturbation_(params, grads[:2], rho=0.5)
+    with pytest.raises(ValueError, match="rho"):
+        sharpness.perturbation_(params, grads, rho=-1.0)
+    assert not sharpness.perturbation_([], [], rho=0.5).applied
