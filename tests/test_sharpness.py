@@ -7,6 +7,8 @@ import torch
 
 from saft_hf import sharpness
 
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
 
 def _tensors(seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -127,3 +129,16 @@ def test_mismatched_lists_and_negative_rho_raise():
     with pytest.raises(ValueError, match="rho"):
         sharpness.perturbation_(params, grads, rho=-1.0)
     assert not sharpness.perturbation_([], [], rho=0.5).applied
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_huge_but_finite_gradient_is_not_mistaken_for_overflow(adaptive):
+    """A large fp16 loss scale can overflow the squares in ||g|| while every entry is finite."""
+    params, grads = _tensors(8)
+    plain = [g.clone() for g in grads]
+    huge = [g.clone() * 1e30 for g in grads]
+    sharpness.perturbation_(params, plain, rho=0.5, adaptive=adaptive)
+    result = sharpness.perturbation_(params, huge, rho=0.5, adaptive=adaptive)
+    assert result.applied and math.isfinite(float(result.grad_norm)) and float(result.grad_norm) > 1e29
+    for a, b in zip(plain, huge):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)

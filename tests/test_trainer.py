@@ -9,6 +9,8 @@ from transformers import Trainer, TrainingArguments
 from multiproc.sam_reference import TinyClassifier, TinyDataset, max_difference, replay_sam
 from saft_hf import SAFTTrainer, SAFTTrainingArguments
 
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
 LR = 0.1
 
 

@@ -12,6 +12,8 @@ from multiproc.sam_reference import TinyClassifier, TinyDataset, max_difference,
 from saft_hf import SAFTSeq2SeqTrainer, SAFTSeq2SeqTrainingArguments, SAFTTrainer, SAFTTrainingArguments
 from test_trainer import LR, RecordingTrainer, make_args
 
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
 
 class TokenDataset(torch.utils.data.Dataset):
     def __init__(self, n=16, length=8, vocab=50, seed=0):
@@ -182,11 +184,46 @@ def test_non_finite_first_pass_skips_perturbation_and_keeps_training(tmp_path):
     assert max_difference({k: model.state_dict()[k] for k in plain}, plain) < 1e-6
 
 
-def test_grad_scaler_scales_the_first_pass(tmp_path):
-    trainer = SAFTTrainer(model=TinyClassifier(), args=make_args(tmp_path), train_dataset=TinyDataset())
-    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    loss = torch.tensor(0.5)
-    assert float(trainer._scale_for_grad(loss)) == pytest.approx(512.0)
+class ScalerTrainer(RecordingTrainer):
+    """Puts a real GradScaler on the accelerator before `train()` prepares the optimizer, so the CPU
+    run takes the fp16 code path: scaled backward, unscale before clipping, scaler.step / update."""
+
+    scaler_kwargs = {"init_scale": 2.0**10, "growth_interval": 1000}
+
+    def train(self, *args, **kwargs):
+        self.accelerator.scaler = torch.amp.GradScaler("cpu", **self.scaler_kwargs)
+        return super().train(*args, **kwargs)
+
+
+def test_grad_scaler_path_matches_reference(tmp_path):
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    init = copy.deepcopy(model.state_dict())
+    # max_grad_norm=0: unscaling before clipping is accelerate's job and needs its native fp16 mode (GPU)
+    trainer = ScalerTrainer(model=model, args=make_args(tmp_path), train_dataset=TinyDataset())
+    trainer.recorded = []
+    trainer.train()
+    assert float(trainer._scale_for_grad(torch.tensor(0.5))) == pytest.approx(512.0)  # first pass is scaled too
+    assert trainer.accelerator.scaler.get_scale() == 2.0**10  # no overflow, no unscale twice
+    reference = replay_sam(TinyClassifier(), init, [trainer.recorded], grad_accum=2, lr=LR, rho=0.5, adaptive=True)
+    assert max_difference({k: model.state_dict()[k] for k in reference}, reference) < 1e-6
+
+
+def test_grad_scaler_overflow_skips_perturbation_and_recovers(tmp_path):
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    init = copy.deepcopy(model.state_dict())
+    data = TinyDataset()
+    data.x *= 100  # large logits and loss: loss * 2**127 overflows float32
+    trainer = ScalerTrainer(model=model, args=make_args(tmp_path, max_steps=6, logging_steps=1), train_dataset=data)
+    trainer.scaler_kwargs = {"init_scale": 2.0**127, "backoff_factor": 2.0**-40, "growth_interval": 1000}
+    trainer.recorded = []
+    trainer.train()
+    skipped = [e["sam_skipped_perturbations"] for e in trainer.state.log_history if "loss" in e]
+    assert skipped[0] > 0 and skipped[-1] == skipped[-3], skipped  # overflowed at first, then SAM resumes
+    assert trainer.accelerator.scaler.get_scale() < 2.0**127  # the scaler saw the overflow and backed off
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert max_difference(model.state_dict(), init) > 1e-4  # and it trained afterwards
 
 
 # ---------------------------------------------------------------- bf16 autocast

@@ -3,6 +3,7 @@
 #   for each run (sgd = plain AdamW, asam = SAFT) and task: fine-tune (finetune.py, accelerate),
 #   then merge the run's task models by task arithmetic with alpha searched on validation
 #   (merge_search.py), evaluate the merge (saft-hf evaluate glue), and tabulate (summary.md).
+# The base model is first saved as transformers loads it (OUT/pretrained, export_pretrained.py).
 # Every setting is an environment variable:
 #   MODEL       base model (default google/flan-t5-base; a local dir works offline)
 #   TASKS       default "cola mrpc rte sst2" (the paper); the 8-task benchmark:
@@ -27,6 +28,14 @@ SAFT_HF="${SAFT_HF:-saft-hf}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"
 SEARCH_ARGS="${SEARCH_ARGS:-}"
 
+# Fine-tune from, and merge against, the base model exactly as transformers loads it (same tensor
+# names and ties in pretrained and fine-tuned checkpoints).
+BASE="$OUT/pretrained"
+if [[ ! -f "$BASE/config.json" ]]; then
+  echo "== exporting $MODEL to $BASE"
+  $PYTHON "$HERE/export_pretrained.py" --model "$MODEL" --output "$BASE"
+fi
+
 summary=()
 for run in $RUNS; do
   for task in $TASKS; do
@@ -38,11 +47,11 @@ for run in $RUNS; do
     echo "== fine-tuning $run/$task"
     # shellcheck disable=SC2086  # LAUNCH / EXTRA_ARGS are word lists on purpose
     $LAUNCH "$HERE/finetune.py" --config "$HERE/configs/$run.yaml" --task "$task" \
-      --model_name_or_path "$MODEL" --output_dir "$dir" ${DATA_ROOT:+--data_path "$DATA_ROOT/$task"} $EXTRA_ARGS
+      --model_name_or_path "$BASE" --output_dir "$dir" ${DATA_ROOT:+--data_path "$DATA_ROOT/$task"} $EXTRA_ARGS
   done
   echo "== merging $run (task arithmetic, alpha searched on validation)"
   # shellcheck disable=SC2086
-  $PYTHON "$HERE/merge_search.py" --pretrained "$MODEL" --finetuned_root "$OUT/$run" --tasks $TASKS \
+  $PYTHON "$HERE/merge_search.py" --pretrained "$BASE" --finetuned_root "$OUT/$run" --tasks $TASKS \
     --output "$OUT/merged_$run" --overwrite ${DATA_ROOT:+--data_root "$DATA_ROOT"} $SEARCH_ARGS
   echo "== evaluating merged_$run"
   # shellcheck disable=SC2086

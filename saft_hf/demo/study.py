@@ -43,8 +43,8 @@ class StudyConfig:
     tasks: Sequence[str] = DEFAULT_TASKS
     seeds: Sequence[int] = (0,)
     methods: Sequence[str] = ("adamw", "asam")
-    max_length: int = 64
-    train_steps: int = 120
+    max_length: int = 48
+    train_steps: int = 40
     batch_size: int = 16
     learning_rate: float = 5e-5
     weight_decay: float = 0.1
@@ -53,7 +53,7 @@ class StudyConfig:
     logit_scale: float | None = None  # None = chosen by zero-shot validation loss over the grid
     logit_scale_grid: Sequence[float] = (10.0, 20.0, 30.0, 50.0, 70.0, 100.0)
     max_train: int | None = None  # cap of the training pool per task (None = all)
-    max_test: int | None = 500
+    max_test: int | None = 400
     search_val_size: int = 128  # validation examples per task for the merge coefficient search
     ta_grid: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
     fixed_alpha: float = 0.4
@@ -78,7 +78,9 @@ class StudyConfig:
                 "data_seed": demo_data.DATA_SEED}
 
 
-QUICK_OVERRIDES = dict(train_steps=30, max_test=200, search_val_size=64, ta_grid=(0.3, 0.5, 0.7, 1.0),
+# Budgets (2-core CPU): default <= 20 min, --quick <= 5 min from a fresh cache; fine-tuning is
+# the bulk (ASAM costs two forward/backward passes per step), so --quick mostly trims steps.
+QUICK_OVERRIDES = dict(train_steps=10, max_test=150, search_val_size=48, ta_grid=(0.3, 0.5, 0.7, 1.0),
                        ties_grid=(0.5, 1.0))
 
 

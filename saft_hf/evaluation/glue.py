@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from saft_hf.tasks.glue import GLUE_HUB_DATASET, GLUE_TASKS, PAPER_TASKS, SCORE_KINDS, get_task
@@ -116,6 +117,14 @@ def evaluate_glue_model(
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except (FileNotFoundError, KeyError, ValueError) as exc:  # bad paths, tasks, data rows: say which, no traceback
+        print(f"saft-hf evaluate glue: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     tasks = [get_task(t).name for t in args.tasks]
     data_paths = {}
     if args.data_root:

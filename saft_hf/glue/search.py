@@ -106,3 +106,23 @@ def summary_table(reports: Mapping[str, str | os.PathLike]) -> str:
 
     rows = {name: json.loads(Path(path).read_text()) for name, path in reports.items()}
     return markdown_table(rows)
+
+
+def export_pretrained(name_or_path: str | os.PathLike, output_dir: str | os.PathLike) -> str:
+    """Save the base model and tokenizer exactly as transformers loads them, to `output_dir`.
+
+    Fine-tune from this directory and use it as the merge's `pretrained`: then the pretrained and
+    fine-tuned checkpoints have the same tensor names and ties. (A Hub checkpoint can hold tensors
+    the loaded model ties or drops, e.g. a separate `lm_head.weight`; task vectors would then be
+    taken against weights the fine-tuning never started from.)
+    """
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from saft_hf.io_utils import atomic_directory
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    with atomic_directory(output_dir) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    return str(output_dir)

@@ -140,22 +140,26 @@ def ties_direction(deltas: list[torch.Tensor], thresholds: list, sign_method: st
     """Merged (unscaled) TIES delta of one tensor (or row block), the sum of its elected signs,
     and the mask of entries whose elected sign is 0 while some trimmed entry is non-zero (they
     need the model-wide majority sign)."""
-    stacked = torch.stack([d if thr is None else d * (d.abs() >= thr) for d, thr in zip(deltas, thresholds)])
-    elected = torch.sign(stacked.sum(0) if sign_method == "sum" else torch.sign(stacked).sum(0))
-    elected_total = elected.sum().item()
-    if elected_total != elected_total:
+    stacked = torch.stack(deltas)
+    if any(thr is not None for thr in thresholds):
+        thr = torch.tensor([-1.0 if t is None else t for t in thresholds], dtype=stacked.dtype)
+        stacked.mul_(stacked.abs() >= thr.view(-1, *([1] * (stacked.dim() - 1))))  # trim (in place)
+    summed = stacked.sum(0)
+    if bool(torch.isnan(summed).any()):  # (torch.sign(NaN) is 0, so NaN would pass silently)
         raise ValueError("a task vector contains NaN (or inf - inf); fix the checkpoint before merging")
-    elected_sum = int(elected_total)
+    elected = torch.sign(summed if sign_method == "sum" else torch.sign(stacked).sum(0))
+    elected_sum = int(elected.sum().item())
     zero = elected == 0
     ambiguous = zero & (stacked != 0).any(0) if bool(zero.any()) else zero
     if zero_sign_value is not None and bool(ambiguous.any()):
         elected = torch.where(zero, torch.full_like(elected, zero_sign_value), elected)
-    # As in the TIES reference: keep the non-zero entries whose sign is the elected one
-    # (elected in {-1, 0, +1}, so a positive product means "same sign, both non-zero").
-    keep = (stacked * elected) > 0
-    merged = torch.where(keep, stacked, 0).sum(0)
+    # As in the TIES reference: keep the non-zero entries whose sign is the elected one. With
+    # elected in {-1, 0, +1}, stacked * elected is positive exactly there; clamping the rest to 0
+    # and multiplying the sum back by the sign gives the sum of the kept entries.
+    agreeing = stacked.mul_(elected).clamp_(min=0)
+    merged = agreeing.sum(0).mul_(elected)
     if disjoint == "mean":
-        merged = merged / keep.sum(0).clamp(min=1)
+        merged = merged / (agreeing > 0).sum(0).clamp(min=1)
     return merged, elected_sum, ambiguous
 
 

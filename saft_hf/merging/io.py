@@ -201,13 +201,35 @@ def is_lora_adapter(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and (Path(path) / ADAPTER_CONFIG).exists()
 
 
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_checkpoint(spec) -> Path:
+    """A local path as given, or a Hugging Face Hub model id resolved to its (cached) snapshot."""
+    path = Path(spec)
+    if path.exists() or not _REPO_ID.match(str(spec)):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = Path(snapshot_download(str(spec), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+        if not any(local.glob("*.safetensors")):
+            local = Path(snapshot_download(str(spec), allow_patterns=["*.json", "*.bin", "*.txt", "*.model"]))
+        return local
+    except Exception as exc:
+        raise CheckpointError(
+            f"{spec!r} is not a local path and could not be fetched from the Hugging Face Hub ({exc}); "
+            "download it first or give a local directory"
+        ) from exc
+
+
 def open_source(spec) -> TensorSource:
-    """A `TensorSource` for a state dict, an HF model directory, or a checkpoint file/index."""
+    """A `TensorSource` for a state dict, an HF model directory (or Hub id), or a checkpoint file/index."""
     if isinstance(spec, TensorSource):
         return spec
     if isinstance(spec, Mapping):
         return DictSource(spec)
-    path = Path(spec)
+    path = resolve_checkpoint(spec)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist (expected an HF model directory or a .safetensors/.bin file)")
     if path.is_dir():

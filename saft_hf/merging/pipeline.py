@@ -14,7 +14,7 @@ import yaml
 from ..io_utils import atomic_directory, write_json_atomic
 from .card import model_card
 from .engine import check_ties_args, linear_merge, per_task, ties_merge
-from .io import ADAPTER_CONFIG, ShardedSafetensorsSink, is_lora_adapter, open_source, weight_files
+from .io import ADAPTER_CONFIG, ShardedSafetensorsSink, is_lora_adapter, open_source, resolve_checkpoint, weight_files
 from .plan import build_plan, check_extra_keys
 from .taskvectors import CheckpointTaskVector, DareTaskVector, LoraTaskVector, check_dare_args
 
@@ -171,7 +171,8 @@ def merge_models(config: MergeConfig | dict | str, output_dir, overwrite: bool =
                            params["sign_method"], params["disjoint"], params["zero_sign"], sink, progress)
             stats.update(thresholds=s.thresholds, majority_sign=s.majority_sign, deferred_keys=s.deferred_keys)
         shards = sink.close()
-        copied = _copy_model_files(base.directory if Path(base_spec).is_dir() else None, tmp)
+        base_dir = resolve_checkpoint(base_spec)
+        copied = _copy_model_files(base_dir if base_dir.is_dir() else None, tmp)
         (tmp / "merge_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         (tmp / "README.md").write_text(model_card(config.to_dict(), notes, stats))
         stats.update(notes=notes, shards=[p.name for p in shards], copied_files=copied,

@@ -1,7 +1,7 @@
 """Benchmark: streamed exact TIES merge vs the flatten-everything reference, same inputs.
 
-Eight synthetic fine-tuned checkpoints of CLIP ViT-B/32 size (~88M parameters each, real CLIP
-tensor shapes) plus the pretrained one are written as safetensors to a temporary directory.
+Eight synthetic fine-tuned checkpoints of the CLIP ViT-B/32 image encoder (87.8M parameters
+each, real tensor shapes) plus the pretrained one are written as safetensors to a temporary directory.
 Then, each in its own subprocess (peak RSS read with resource.getrusage(RUSAGE_CHILDREN) by a
 fresh intermediate process, so one run cannot pollute the other's number):
 
@@ -29,24 +29,23 @@ from pathlib import Path
 
 
 def clip_vit_b32_shapes(scale: float = 1.0) -> dict[str, tuple]:
+    """The CLIP ViT-B/32 image encoder (what task-arithmetic papers merge): 87.8M parameters."""
     blocks = max(1, round(12 * scale))
-    vocab = max(64, int(49408 * scale))
-    shapes = {"logit_scale": (), "visual.class_embedding": (768,), "visual.positional_embedding": (50, 768),
-              "visual.conv1.weight": (768, 3, 32, 32), "visual.ln_pre.weight": (768,), "visual.ln_pre.bias": (768,),
-              "visual.ln_post.weight": (768,), "visual.ln_post.bias": (768,), "visual.proj": (768, 512),
-              "token_embedding.weight": (vocab, 512), "positional_embedding": (77, 512),
-              "ln_final.weight": (512,), "ln_final.bias": (512,), "text_projection": (512, 512)}
-    for prefix, width in (("visual.transformer", 768), ("transformer", 512)):
-        for b in range(blocks):
-            p = f"{prefix}.resblocks.{b}"
-            shapes.update({
-                f"{p}.attn.in_proj_weight": (3 * width, width), f"{p}.attn.in_proj_bias": (3 * width,),
-                f"{p}.attn.out_proj.weight": (width, width), f"{p}.attn.out_proj.bias": (width,),
-                f"{p}.ln_1.weight": (width,), f"{p}.ln_1.bias": (width,),
-                f"{p}.mlp.c_fc.weight": (4 * width, width), f"{p}.mlp.c_fc.bias": (4 * width,),
-                f"{p}.mlp.c_proj.weight": (width, 4 * width), f"{p}.mlp.c_proj.bias": (width,),
-                f"{p}.ln_2.weight": (width,), f"{p}.ln_2.bias": (width,),
-            })
+    width = 768
+    shapes = {"visual.class_embedding": (width,), "visual.positional_embedding": (50, width),
+              "visual.conv1.weight": (width, 3, 32, 32), "visual.ln_pre.weight": (width,),
+              "visual.ln_pre.bias": (width,), "visual.ln_post.weight": (width,), "visual.ln_post.bias": (width,),
+              "visual.proj": (width, 512)}
+    for b in range(blocks):
+        p = f"visual.transformer.resblocks.{b}"
+        shapes.update({
+            f"{p}.attn.in_proj_weight": (3 * width, width), f"{p}.attn.in_proj_bias": (3 * width,),
+            f"{p}.attn.out_proj.weight": (width, width), f"{p}.attn.out_proj.bias": (width,),
+            f"{p}.ln_1.weight": (width,), f"{p}.ln_1.bias": (width,),
+            f"{p}.mlp.c_fc.weight": (4 * width, width), f"{p}.mlp.c_fc.bias": (4 * width,),
+            f"{p}.mlp.c_proj.weight": (width, 4 * width), f"{p}.mlp.c_proj.bias": (width,),
+            f"{p}.ln_2.weight": (width,), f"{p}.ln_2.bias": (width,),
+        })
     return shapes
 
 

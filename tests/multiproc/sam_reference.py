@@ -72,11 +72,13 @@ def replay_sam(
     eta: float = 0.0,
     scope: str = "all",
     sync: bool = False,
+    clip: float = 0.0,
 ) -> dict:
     """SGD with SAM/ASAM per micro-batch, gradients averaged over ranks (DDP / ZeRO semantics).
 
     `sync=False`: each rank perturbs from its own micro-batch gradient; `sync=True`: from the
-    mean over ranks. Returns the final state dict of the trainable parameters.
+    mean over ranks. `clip` > 0 clips the accumulated gradient to that global norm (as the Trainer's
+    max_grad_norm). Returns the final state dict of the trainable parameters.
     """
     model.load_state_dict(init_state)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -104,6 +106,9 @@ def replay_sam(
                 if g is not None:
                     a += g / (grad_accum * world)
         if (step + 1) % grad_accum == 0:
+            if clip > 0:
+                total = torch.sqrt(sum((a**2).sum() for a in accum))
+                accum = [a * min(1.0, clip / (float(total) + 1e-6)) for a in accum]
             params = [p - lr * a for p, a in zip(params, accum)]
             accum = [torch.zeros_like(p) for p in params]
     return dict(zip(names, params))

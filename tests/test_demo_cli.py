@@ -1,0 +1,46 @@
+"""`saft-hf demo` command line: arguments, --quick preset and overrides (no study run)."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from saft_hf.demo import cli
+from saft_hf.demo.study import QUICK_OVERRIDES, StudyConfig
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_defaults_match_study_config():
+    cfg = cli.config_from_args(_parse([]))
+    default = StudyConfig()
+    assert cfg.train_steps == default.train_steps and cfg.max_test == default.max_test
+    assert cfg.methods == ("adamw", "asam") and cfg.seeds == (0,)
+    assert cfg.output_dir == "saft_demo_report" and cfg.logit_scale is None
+
+
+def test_quick_preset_and_explicit_overrides():
+    cfg = cli.config_from_args(_parse(["--quick", "--seeds", "0", "1", "--tasks", "polarity", "spam"]))
+    for key, value in QUICK_OVERRIDES.items():
+        assert getattr(cfg, key) == value
+    assert cfg.seeds == (0, 1) and cfg.tasks == ("polarity", "spam")
+    cfg = cli.config_from_args(_parse(["--quick", "--steps", "7", "--max-test", "20", "--logit-scale", "30"]))
+    assert (cfg.train_steps, cfg.max_test, cfg.logit_scale) == (7, 20, 30.0)
+
+
+def test_unknown_task_is_rejected():
+    with pytest.raises(SystemExit):
+        _parse(["--tasks", "imdb"])
+
+
+def test_dispatcher_help(capsys):
+    from saft_hf.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    assert "--quick" in capsys.readouterr().out
