@@ -147,12 +147,23 @@ def perturbation_(
 
 
 @torch.no_grad()
-def perturb_(params: Sequence[torch.Tensor], perturbation: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """w <- w + e in place (works for views into flat buffers); returns the backups of w."""
-    params = [p.detach() for p in params]
-    backups = torch._foreach_mul(params, 1.0) if params else []  # one fused clone
-    if params:
-        torch._foreach_add_(params, [e.to(p.dtype) for p, e in zip(params, perturbation)])
+def perturb_(
+    params: Sequence[torch.Tensor], perturbation: list[torch.Tensor | None], *, release: bool = False
+) -> list[torch.Tensor]:
+    """w <- w + e in place (works for views into flat buffers); returns the backups of w.
+
+    Works in chunks of at most `_SCRATCH_NUMEL` elements. With `release=True` the entries of the
+    `perturbation` list are set to None as they are consumed, so e and the backups never both
+    exist in full: the peak is one copy of the parameters plus one chunk.
+    """
+    backups: list[torch.Tensor] = []
+    for group in _chunks(range(len(params)), params, _SCRATCH_NUMEL):
+        weights = [params[i].detach() for i in group]
+        backups.extend(torch._foreach_mul(weights, 1.0))  # a fused clone
+        torch._foreach_add_(weights, [perturbation[i].to(w.dtype) for i, w in zip(group, weights)])
+        if release:
+            for i in group:
+                perturbation[i] = None
     return backups
 
 

@@ -197,7 +197,7 @@ class SAFTTrainerMixin:
                 scaled=sharpness.adaptive_scale_mask(names, self.args.sam_scope),
                 all_finite=self._sam_all_ranks_agree,
             )
-            backups = sharpness.perturb_(params, grads) if result.applied else None
+            backups = sharpness.perturb_(params, grads, release=True) if result.applied else None
         del grads
         if not result.applied:
             logger.warning(

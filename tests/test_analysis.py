@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from saft_hf.analysis.barrier import barrier_from_curve, loss_barriers

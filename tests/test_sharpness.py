@@ -142,3 +142,16 @@ def test_huge_but_finite_gradient_is_not_mistaken_for_overflow(adaptive):
     assert result.applied and math.isfinite(float(result.grad_norm)) and float(result.grad_norm) > 1e29
     for a, b in zip(plain, huge):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+
+
+def test_perturb_releases_the_perturbation_chunk_by_chunk(monkeypatch):
+    monkeypatch.setattr(sharpness, "_SCRATCH_NUMEL", 12)
+    params, grads = _tensors(9)
+    before = [p.clone() for p in params]
+    e = [g * 1e-2 for g in grads]
+    expected = [p + x for p, x in zip(params, e)]
+    backups = sharpness.perturb_(params, e, release=True)
+    assert e == [None, None, None]
+    for p, x, b, o in zip(params, expected, backups, before):
+        torch.testing.assert_close(p, x, rtol=0, atol=0)
+        assert torch.equal(b, o)

@@ -56,3 +56,11 @@ def test_clean_class_name(raw, clean):
 def test_templates_hash_changes_with_templates():
     a, b = get_vision_task("cars"), get_vision_task("sun397")
     assert a.templates_hash() != b.templates_hash() and a.templates_hash() == get_vision_task("cars").templates_hash()
+
+
+def test_numeric_ids_are_mapped_by_value_not_position():
+    # imagefolder-style datasets sort folder names as strings: label 2 is the folder "10"
+    raw = sorted(str(i) for i in range(43))
+    names = get_vision_task("gtsrb").class_names(raw)
+    assert raw[2] == "10" and names[2] == "red and white circle red truck and black car no passing"
+    assert names[raw.index("14")] == "stop"

@@ -62,7 +62,7 @@ def plot_planes(results: Mapping[str, Mapping], quantity: str, stem: str | Path,
         vmax = vmin + 1e-12
     fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods) + 0.8, 4), squeeze=False)
     image = None
-    for ax, m in zip(axes[0], methods):
+    for col, (ax, m) in enumerate(zip(axes[0], methods)):
         r = results[m]
         a = r["alphas"]
         step = (a[-1] - a[0]) / max(len(a) - 1, 1)
@@ -75,7 +75,8 @@ def plot_planes(results: Mapping[str, Mapping], quantity: str, stem: str | Path,
             ax.add_patch(Rectangle((lo, lo), hi - lo, hi - lo, fill=False, edgecolor="white", linestyle="--", linewidth=1.5))
         t1, t2 = r["tasks"]
         ax.set_xlabel(f"alpha ({t1})")
-        ax.set_ylabel(f"alpha ({t2})")
+        if col == 0:
+            ax.set_ylabel(f"alpha ({t2})")
         ax.set_title(f"{m} ({r.get('setting', '')})")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.85, label=quantity)
     if title:

@@ -78,6 +78,9 @@ def run_all(
     unknown = [a for a in analyses if a not in ANALYSES]
     if unknown:
         raise ValueError(f"unknown analyses {unknown}; choose from {ANALYSES}")
+    bad = [s for s in settings if s not in ("two-task", "all-task")]
+    if bad:
+        raise ValueError(f"unknown plane settings {bad}; use 'two-task' and/or 'all-task'")
     if not task_vectors_by_method:
         raise ValueError("task_vectors_by_method is empty; give at least one method -> {task: task vector}")
     out = Path(output_dir)

@@ -102,7 +102,7 @@ def evaluate_glue_model(
     row = name or str(model)
     lines = [f"# GLUE evaluation: {row}\n", f"Split: {split}. Scores in %.\n", markdown_table({row: report}, tasks)]
     metric_names = sorted({k for m in metrics.values() for k in m if k not in ("score", "score_metric", "num_examples")})
-    lines.append("\n| task | score metric | " + " | ".join(metric_names) + " | examples |")
+    lines.append("| task | score metric | " + " | ".join(metric_names) + " | examples |")
     lines.append("|" + "---|" * (len(metric_names) + 3))
     for t in tasks:
         cells = [f"{100 * metrics[t][k]:.2f}" if k in metrics[t] else "-" for k in metric_names]
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
-    except (FileNotFoundError, KeyError, ValueError) as exc:  # bad paths, tasks, data rows: say which, no traceback
+    except (OSError, KeyError, ValueError) as exc:  # bad paths, unreachable Hub, bad data rows: say which, no traceback
         print(f"saft-hf evaluate glue: error: {exc}", file=sys.stderr)
         return 1
 

@@ -109,15 +109,20 @@ def main() -> None:
     sweep = PlaneSweep(probe, space, tasks, alphas, references=refs)
     sweep.begin()
     floors, points, floors_cpu, points_cpu = [], [], [], []
-    for cell in chosen:
+
+    def timed(fn):
         t, c = time.perf_counter(), time.process_time()
-        plain_pass(probe, tasks)
-        floors.append(time.perf_counter() - t)
-        floors_cpu.append(time.process_time() - c)
-        t, c = time.perf_counter(), time.process_time()
-        sweep.evaluate(*cell)
-        points.append(time.perf_counter() - t)
-        points_cpu.append(time.process_time() - c)
+        fn()
+        return time.perf_counter() - t, time.process_time() - c
+
+    for k, cell in enumerate(chosen):
+        # alternate which runs first, so a slow drift in the machine's load does not favour either
+        steps = [("floor", lambda: plain_pass(probe, tasks)), ("point", lambda: sweep.evaluate(*cell))]
+        measured = dict((name, timed(fn)) for name, fn in (steps if k % 2 == 0 else steps[::-1]))
+        floors.append(measured["floor"][0])
+        floors_cpu.append(measured["floor"][1])
+        points.append(measured["point"][0])
+        points_cpu.append(measured["point"][1])
         print(f"cell {cell}: wall floor {floors[-1]:.3f}s point {points[-1]:.3f}s ratio {points[-1] / floors[-1]:.3f} | "
               f"cpu floor {floors_cpu[-1]:.3f}s point {points_cpu[-1]:.3f}s ratio {points_cpu[-1] / floors_cpu[-1]:.3f}",
               flush=True)

@@ -7,12 +7,14 @@ sam_rho=0.5 (ASAM) and one with sam_rho=0 (exactly `Trainer`), each on its own c
 interleaved (alternating which goes first) after warm-up; reports the median of the per-pair ratios
 and its spread (the CPU is shared, so look at the spread).
 
-Memory: each variant runs `--mem-steps` steps in a fresh subprocess; the peak resident set size
-(ru_maxrss) minus the RSS right before the first step is that variant's peak working memory. The
-difference between the two, in units of "one copy of the trainable parameters", is what SAM
-costs on top of plain training. glibc returns large blocks to the OS (mmap), so for tensors of this
-size RSS follows live tensor memory; small-tensor noise is a few MB. The script also prints the
-analytic answer: backups = one copy; the first-pass gradients are freed before the second forward.
+Memory: each variant runs `--mem-steps` steps in a fresh subprocess with glibc's mmap threshold
+fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_), so every tensor block of 64 KiB or more is mmap'ed and
+returned to the OS when freed and the resident set size follows live tensor memory. The peak RSS
+(ru_maxrss) minus the RSS between steps (weights, optimizer state) is that variant's per-step peak
+working memory; the difference ASAM - plain, in units of "one copy of the trainable parameters", is
+what SAM costs on top of plain training (small tensors below 64 KiB are not tracked precisely: a few
+MB of noise). Analytic answer: the backups are one copy; the first-pass gradients (which become e)
+are freed right after w += e, before the second forward/backward.
 """
 
 from __future__ import annotations
@@ -142,10 +144,13 @@ def memory_child(name: str, rho: float, steps: int) -> None:
 def memory_overhead(name: str, steps: int, threads: int) -> dict:
     results = {}
     for label, rho in (("plain", 0.0), ("sam", 0.5)):
+        # a fixed mmap threshold: every block >= 64 KiB is mmap'ed and returned to the OS when freed,
+        # so the RSS follows live tensor memory (glibc's default dynamic threshold keeps freed blocks)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
         out = subprocess.run(
             [sys.executable, __file__, "--memory-child", name, "--rho", str(rho), "--mem-steps", str(steps),
              "--threads", str(threads)],
-            capture_output=True, text=True, check=True,
+            capture_output=True, text=True, check=True, env=env,
         )
         results[label] = json.loads(out.stdout.strip().splitlines()[-1])
     param_bytes = results["sam"]["param_bytes"]
