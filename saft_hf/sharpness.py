@@ -79,9 +79,10 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """L2 norm of the concatenation of `tensors`, computed in float32 or wider."""
     if not tensors:
         return torch.zeros(())
-    norms = torch._foreach_norm(list(tensors), 2.0)
-    dtype = torch.promote_types(norms[0].dtype, torch.float32)
-    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]), 2.0)
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    # accumulate half-precision tensors in float32 (bf16 per-tensor norms would keep ~3 digits)
+    norms = torch._foreach_norm(list(tensors), 2.0, dtype=dtype)
+    return torch.linalg.vector_norm(torch.stack(norms), 2.0)
 
 
 def _rescale_for_norm_(grads: list[torch.Tensor]) -> float:

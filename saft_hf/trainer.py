@@ -187,6 +187,8 @@ class SAFTTrainerMixin:
         del kept
 
         zero3 = self._zero_stage == 3
+        bn_snapshot = _snapshot_batchnorm(first_pass_model)  # stats after the first pass, at w
+        engine = self._deepspeed_engine()
         with self._sam_gathered(params, zero3):
             result = sharpness.perturbation_(
                 params,
@@ -199,16 +201,9 @@ class SAFTTrainerMixin:
             )
             backups = sharpness.perturb_(params, grads, release=True) if result.applied else None
         del grads
-        if not result.applied:
-            logger.warning(
-                "SAM: non-finite first-pass gradient norm (%s) at step %d; taking a plain step for this micro-batch.",
-                float(result.grad_norm),
-                self.state.global_step,
-            )
-
-        bn_snapshot = _snapshot_batchnorm(first_pass_model)
-        engine = self._deepspeed_engine()
         try:
+            if not result.applied:
+                self._sam_report_skip(result)
             with _defer_engine_step(engine):
                 perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
@@ -221,6 +216,16 @@ class SAFTTrainerMixin:
 
         self._sam_log.add(perturbed_loss, result)
         return self._normalize_like_parent(loss.detach(), num_items_in_batch)
+
+    def _sam_report_skip(self, result: sharpness.PerturbationResult) -> None:
+        """Warn on the first skipped perturbation; later ones (fp16 overflows are common early) at info level."""
+        log = logger.warning if self._sam_log.skipped_total == 0 else logger.info
+        log(
+            "SAM: non-finite first-pass gradient norm (%s) at step %d; taking a plain step for this micro-batch "
+            "(skips are counted in the logged `sam_skipped_perturbations`).",
+            float(result.grad_norm),
+            self.state.global_step,
+        )
 
     def _sam_first_pass_model(self, model: nn.Module) -> nn.Module:
         """The module the first pass runs through: the DeepSpeed engine's module, else `model` itself."""

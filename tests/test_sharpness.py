@@ -155,3 +155,16 @@ def test_perturb_releases_the_perturbation_chunk_by_chunk(monkeypatch):
     for p, x, b, o in zip(params, expected, backups, before):
         torch.testing.assert_close(p, x, rtol=0, atol=0)
         assert torch.equal(b, o)
+
+
+def test_bf16_gradients_are_normed_in_float32():
+    params, grads = _tensors(10)
+    params16 = [p.bfloat16() for p in params]
+    grads16 = [g.bfloat16() for g in grads]
+    e16 = [g.clone() for g in grads16]
+    result = sharpness.perturbation_(params16, e16, rho=0.5)
+    assert result.grad_norm.dtype == torch.float32
+    reference = sharpness.reference_perturbation([p.float() for p in params16], [g.float() for g in grads16], rho=0.5)
+    for a, b in zip(e16, reference):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=1e-4)

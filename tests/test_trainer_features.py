@@ -2,7 +2,6 @@
 FLOPs, bf16, resume, Seq2Seq twin."""
 
 import copy
-import os
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ from transformers import BertConfig, BertForSequenceClassification, T5Config, T5
 
 from multiproc.sam_reference import TinyClassifier, TinyDataset, max_difference, replay_sam
 from saft_hf import SAFTSeq2SeqTrainer, SAFTSeq2SeqTrainingArguments, SAFTTrainer, SAFTTrainingArguments
+from saft_hf.trainer import SAFTTrainerMixin
 from test_trainer import LR, RecordingTrainer, make_args
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
@@ -272,8 +272,31 @@ def test_seq2seq_twin_with_tiny_t5_reduces_loss(tmp_path):
         sam_rho=0.05, sam_adaptive=False,
     )
     trainer = SAFTSeq2SeqTrainer(model=model, args=args, train_dataset=data)
-    assert isinstance(trainer, SAFTTrainer.__mro__[1])  # shares the SAM mixin
+    assert isinstance(trainer, SAFTTrainerMixin)  # the SAM logic is written once
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 6 and losses[-1] < 0.9 * losses[0], losses
     assert all("sam_perturbed_loss" in e for e in trainer.state.log_history if "loss" in e)
+
+
+# ---------------------------------------------------------------- exception safety
+class FailingSecondPass(SAFTTrainer):
+    calls = 0
+
+    def compute_loss(self, *args, **kwargs):
+        type(self).calls += 1
+        if type(self).calls == 2:  # the perturbed pass of the first micro-batch
+            raise RuntimeError("boom in the second pass")
+        return super().compute_loss(*args, **kwargs)
+
+
+def test_failure_in_second_pass_leaves_weights_unperturbed(tmp_path):
+    torch.manual_seed(0)
+    model = TinyClassifier(batchnorm=True)
+    init = copy.deepcopy(model.state_dict())
+    trainer = FailingSecondPass(model=model, args=make_args(tmp_path), train_dataset=TinyDataset())
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    for name, value in model.state_dict().items():
+        if not name.startswith("norm.running") and name != "norm.num_batches_tracked":
+            assert torch.equal(value, init[name]), name

@@ -19,6 +19,8 @@ import torch
 from conftest import find_free_port
 from multiproc.sam_reference import TinyClassifier, max_difference, replay_sam
 
+pytestmark = pytest.mark.usefixtures("single_thread_torch")  # the replays run in this process
+
 WORKER = Path(__file__).parent / "multiproc" / "train_worker.py"
 # backend:grad_accum:mode -> sync mode the result must match
 RUNS = {

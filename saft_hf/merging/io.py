@@ -90,56 +90,86 @@ _ST_DTYPES = {
 
 
 class SafetensorsSource(TensorSource):
-    """One or several .safetensors files, read lazily with `safe_open` (mmap, no full load)."""
+    """One or several .safetensors files, read tensor by tensor (or row block by row block).
+
+    Each file is validated with safetensors' `safe_open` (header, offsets), then tensors are read
+    with positioned reads (`os.preadv`) into fresh buffers: unlike reading through a long-lived
+    memory map, pages of the checkpoints never pile up in this process's resident memory.
+    """
 
     def __init__(self, files: list[Path], name: str, directory: Path | None = None):
         from safetensors import safe_open
 
         self.name = name
         self.directory = directory
-        self._handles = []
-        self._where: dict[str, int] = {}
-        self._info: dict[str, tuple] = {}
+        self._fds: list[int] = []
+        self._entries: dict[str, tuple[int, int, int, tuple, torch.dtype]] = {}  # key -> (file, start, end, shape, dtype)
         for i, f in enumerate(files):
             try:
-                h = safe_open(str(f), framework="pt", device="cpu")
-                keys = list(h.keys())
+                with safe_open(str(f), framework="pt", device="cpu") as h:  # validates the whole header
+                    keys = list(h.keys())
+                with open(f, "rb") as fh:
+                    n = int.from_bytes(fh.read(8), "little")
+                    header = json.loads(fh.read(n))
             except Exception as exc:  # safetensors raises its own error types for corrupt files
                 raise CheckpointError(
                     f"cannot read safetensors file {f}: {exc}. The file is corrupt or incomplete; "
                     "re-save or re-download it."
                 ) from exc
-            self._handles.append(h)
+            fd = os.open(f, os.O_RDONLY)
+            self._fds.append(fd)
             for k in keys:
-                self._where[k] = i
-                sl = h.get_slice(k)
-                self._info[k] = (tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype()))
+                meta = header[k]
+                dtype = _ST_DTYPES.get(meta["dtype"])
+                if dtype is None:
+                    raise CheckpointError(f"{f}: tensor {k!r} has unsupported dtype {meta['dtype']}")
+                begin, end = meta["data_offsets"]
+                self._entries[k] = (i, 8 + n + begin, 8 + n + end, tuple(meta["shape"]), dtype)
 
     def keys(self):
-        return list(self._where)
+        return list(self._entries)
 
     def info(self, key):
-        shape, dtype = self._info[key]
-        if dtype is None:
-            return tuple(self.get(key).shape), self.get(key).dtype
+        _, _, _, shape, dtype = self._entries[key]
         return shape, dtype
 
+    def _read(self, fd: int, offset: int, size: int) -> bytearray:
+        buf = bytearray(size)
+        view, done = memoryview(buf), 0
+        while done < size:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise CheckpointError(f"{self.name}: unexpected end of file (truncated checkpoint?)")
+            done += got
+        return buf
+
     def get_rows(self, key, start, stop):
-        try:
-            return self._handles[self._where[key]].get_slice(key)[start:stop]
-        except Exception as exc:
-            raise CheckpointError(f"cannot read rows {start}:{stop} of {key!r} from {self.name}: {exc}") from exc
+        i, begin, end, shape, dtype = self._entries[key]
+        if not shape:
+            return self.get(key)
+        stop = min(stop, shape[0])
+        row_bytes = (end - begin) // shape[0] if shape[0] else 0
+        return self._tensor(i, begin + start * row_bytes, (stop - start) * row_bytes, (stop - start, *shape[1:]), dtype)
 
     def get(self, key):
-        try:
-            return self._handles[self._where[key]].get_tensor(key)
-        except KeyError:
-            raise
-        except Exception as exc:
-            raise CheckpointError(f"cannot read tensor {key!r} from {self.name}: {exc}") from exc
+        i, begin, end, shape, dtype = self._entries[key]
+        return self._tensor(i, begin, end - begin, shape, dtype)
+
+    def _tensor(self, i, offset, size, shape, dtype):
+        if size == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(self._read(self._fds[i], offset, size), dtype=dtype).reshape(shape)
 
     def close(self):
-        self._handles.clear()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 class TorchBinSource(TensorSource):
@@ -165,7 +195,12 @@ class TorchBinSource(TensorSource):
         self._current = None  # drop the previous file before loading the next
         f = self._files[i]
         try:
-            sd = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
+            try:
+                sd = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):  # legacy (non-zip) files cannot be memory-mapped
+                    raise
+                sd = torch.load(str(f), map_location="cpu", weights_only=True)
         except Exception as exc:
             raise CheckpointError(f"cannot read PyTorch checkpoint {f}: {exc}. The file is corrupt or not a state dict.") from exc
         if not isinstance(sd, dict):

@@ -120,6 +120,25 @@ def time_ratio(name: str, reps: int, warmup: int) -> dict:
     }
 
 
+def time_sharpness_ops(name: str, reps: int) -> dict:
+    """The SAM-only arithmetic (e, backup, w += e, restore) on the model's parameters, per step."""
+    from saft_hf import sharpness
+
+    model, _ = build(name, "time")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    mask = sharpness.adaptive_scale_mask(names, "all")
+    times = []
+    for _ in range(reps):
+        grads = [torch.randn_like(p) for p in params]
+        start = time.perf_counter()
+        sharpness.perturbation_(params, grads, rho=0.5, adaptive=True, scaled=mask)
+        backups = sharpness.perturb_(params, grads, release=True)
+        sharpness.restore_(params, backups)
+        times.append(time.perf_counter() - start)
+    return {"ops_ms_median": 1e3 * statistics.median(times)}
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -192,6 +211,11 @@ def main() -> int:
             f"ASAM {t['sam_ms_median']:.1f} ms; ratio median {t['ratio_median']:.3f}x "
             f"(IQR {t['ratio_q1']:.3f}-{t['ratio_q3']:.3f}, min {t['ratio_min']:.3f}, max {t['ratio_max']:.3f}; "
             f"ratio of medians {t['ratio_of_medians']:.3f}x)"
+        )
+        ops = time_sharpness_ops(name, cli.reps)
+        print(
+            f"[ops]  {name:4s} perturbation maths + backup + restore: {ops['ops_ms_median']:.2f} ms "
+            f"= {100 * ops['ops_ms_median'] / t['plain_ms_median']:.1f}% of a plain step"
         )
         if not cli.skip_memory:
             m = memory_overhead(name, cli.mem_steps, cli.threads)
