@@ -159,7 +159,7 @@ def ties_direction(deltas: list[torch.Tensor], thresholds: list, sign_method: st
     agreeing = stacked.mul_(elected).clamp_(min=0)
     merged = agreeing.sum(0).mul_(elected)
     if disjoint == "mean":
-        merged = merged / (agreeing > 0).sum(0).clamp(min=1)
+        merged = merged / torch.count_nonzero(agreeing, dim=0).clamp(min=1)
     return merged, elected_sum, ambiguous
 
 

@@ -28,6 +28,7 @@ class TensorSource:
     """Read-only mapping key -> tensor, loaded on demand."""
 
     name: str = "<memory>"
+    fresh_tensors: bool = False  # True if every get() returns a new tensor the caller may modify
     directory: Path | None = None  # where config/tokenizer files live, if any
 
     def keys(self) -> list[str]:
@@ -96,6 +97,8 @@ class SafetensorsSource(TensorSource):
     with positioned reads (`os.preadv`) into fresh buffers: unlike reading through a long-lived
     memory map, pages of the checkpoints never pile up in this process's resident memory.
     """
+
+    fresh_tensors = True
 
     def __init__(self, files: list[Path], name: str, directory: Path | None = None):
         from safetensors import safe_open

@@ -43,6 +43,8 @@ class CheckpointTaskVector(TaskVector):
     def get(self, key, base, rows=None):
         ft = self.source.get(key) if rows is None else self.source.get_rows(key, *rows)
         dt = compute_dtype(base.dtype)
+        if self.source.fresh_tensors and ft.dtype == dt:
+            return ft.sub_(base)  # our own buffer: subtract in place, no extra allocation
         return ft.to(dt) - base.to(dt)
 
     def check(self, keys, base):
