@@ -250,3 +250,19 @@ def test_example_recipes_parse():
     assert files
     for f in files:
         MergeConfig.from_yaml(f)
+
+
+@pytest.mark.slow
+def test_benchmark_script_small_scale_matches_reference():
+    """The benchmark at a tiny scale: the streamed TIES output equals the flatten reference exactly."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent / "benchmarks" / "bench_ties_merge.py"
+    res = subprocess.run([sys.executable, str(script), "--scale", "0.02", "--tasks", "3"], capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["max_abs_diff"] == 0.0
+    assert summary["stream"]["peak_rss_mb"] > 0 and summary["reference"]["peak_rss_mb"] > 0

@@ -15,6 +15,9 @@ ROW_LABELS = {
     "task_arithmetic_fixed": "task arithmetic (alpha fixed)",
     "ties": "TIES (lambda searched)",
 }
+PLOT_LABELS = {"individual": "fine-tuned\nindividually", "weighted_average": "weighted\naverage",
+               "task_arithmetic": "task arithmetic\n(alpha searched)", "task_arithmetic_fixed": "task arithmetic\n(alpha fixed)",
+               "ties": "TIES\n(lambda searched)"}
 SHORT_LABELS = {"individual": "indiv.", "weighted_average": "WA", "task_arithmetic": "TA",
                 "task_arithmetic_fixed": "TA fix", "ties": "TIES"}
 
@@ -80,7 +83,7 @@ def markdown(study: dict) -> str:
     out = [
         "# SAFT demo: AdamW vs ASAM fine-tuning, then merging",
         "",
-        f"Encoder `{Path(study['model']).name}`; tasks: {', '.join(tasks)}; seeds: {seeds}; "
+        f"Encoder `{study.get('model_label', study['model'])}`; tasks: {', '.join(tasks)}; seeds: {seeds}; "
         f"{cfg['train_steps']} steps x batch {cfg['batch_size']}, lr {cfg['learning_rate']:g}, "
         f"ASAM rho {cfg['asam_rho']:g}, max length {cfg['max_length']}; logit scale "
         f"{study['logit_scale']['chosen']:g} ({study['logit_scale']['rule']}).",
@@ -144,11 +147,11 @@ def plot(study: dict, path: Path) -> None:
             ax.axhline(100 * zero["absolute_mean"], color="#2c3e50", ls="--", lw=1,
                        label=f"zero-shot ({100 * zero['absolute_mean']:.1f})")
         ax.set_xticks(range(len(kinds)))
-        ax.set_xticklabels([ROW_LABELS[k].replace(" (", "\n(") for k in kinds], fontsize=8)
+        ax.set_xticklabels([PLOT_LABELS[k] for k in kinds], fontsize=8)
         ax.set_title(title)
         lo = min(b.get_height() for b in ax.patches) if ax.patches else 0
-        ax.set_ylim(max(0, lo - 15), 105)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.set_ylim(max(0, lo - 15), 112)
+        ax.legend(fontsize=8, loc="upper center", ncol=3, frameon=False)
     fig.suptitle(f"SAFT demo: {len(zero['tasks'])} tasks ({', '.join(zero['tasks'])})", fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:

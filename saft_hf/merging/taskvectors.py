@@ -33,6 +33,10 @@ class TaskVector:
         """Validate against the base keys; return notes for the log/card."""
         return []
 
+    def get_into(self, out: torch.Tensor, key: str, base: torch.Tensor, rows=None) -> None:
+        """Write the delta into `out` (a row of a preallocated stack)."""
+        out.copy_(self.get(key, base, rows))
+
 
 class CheckpointTaskVector(TaskVector):
     def __init__(self, finetuned: TensorSource, name: str | None = None):
@@ -46,6 +50,13 @@ class CheckpointTaskVector(TaskVector):
         if self.source.fresh_tensors and ft.dtype == dt:
             return ft.sub_(base)  # our own buffer: subtract in place, no extra allocation
         return ft.to(dt) - base.to(dt)
+
+    def get_into(self, out, key, base, rows=None):
+        if out.dtype == base.dtype:  # read straight into the stack, then subtract in place
+            self.source.read_into(key, out, rows)
+            out.sub_(base)
+        else:
+            out.copy_(self.get(key, base, rows))
 
     def check(self, keys, base):
         own = set(self.source.keys())
