@@ -24,10 +24,6 @@ class MergePlan:
     aliases: dict[str, str] = field(default_factory=dict)  # tied alias -> merged key
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def num_params_note(self) -> str:
-        return f"{len(self.keys)} tensors merged, {len(self.passthrough)} copied, {len(self.aliases)} tied aliases"
-
 
 def _value_tie_groups(source: TensorSource, keys: list[str]) -> list[list[str]]:
     candidates: dict[tuple, list[str]] = {}

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..evaluation import normalized_accuracy
-from .engine import linear_merge, ties_merge
+from .engine import ties_merge
 from .io import DictSink
 from .methods import _dict_sink, _finish, _prepare, _task_list
 from .taskvectors import DareTaskVector
