@@ -1,7 +1,7 @@
 """`SAFTTrainer` / `SAFTSeq2SeqTrainer`: SAM / ASAM inside the Hugging Face Trainer.
 
 The two-pass update happens per micro-batch inside `training_step` (see
-docs/trainer.md and /work/shared/design/sam-in-trainer.md for why there):
+the README's trainer section for why there and what is supported):
 
 1. first pass at w: loss + `torch.autograd.grad` (never touches `.grad`, DDP buckets or
    DeepSpeed partitions); under DDP inside `no_sync`, under DeepSpeed through `engine.module`;

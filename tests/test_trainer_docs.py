@@ -1,4 +1,4 @@
-"""docs/trainer.md's example runs as written, and the shipped accelerate / DeepSpeed configs load."""
+"""The README's trainer example runs as written, and the shipped accelerate / DeepSpeed configs load."""
 
 import json
 import re
@@ -13,11 +13,11 @@ CONFIGS = ROOT / "recipes" / "accelerate_configs"
 
 
 def test_readme_example_runs(tmp_path, monkeypatch):
-    text = (ROOT / "docs" / "trainer.md").read_text()
+    text = (ROOT / "README.md").read_text()
     (code,) = [block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "SAFTTrainer(" in block]
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(compile(code, "docs/trainer.md", "exec"), namespace)
+    exec(compile(code, "README.md", "exec"), namespace)
     trainer = namespace["trainer"]
     assert trainer.state.global_step == 8
     assert (tmp_path / "saft_demo_out" / "model.safetensors").exists()
