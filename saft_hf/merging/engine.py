@@ -76,6 +76,30 @@ def _base_piece(base: TensorSource, key: str, rows):
     return base.get(key) if rows is None else base.get_rows(key, *rows)
 
 
+class Scratch:
+    """A reusable flat buffer handing out views of any shape: the big T x block temporaries of
+    every row block reuse the same memory instead of a fresh allocation (and page faults) each
+    time. A view is valid until the next `take`."""
+
+    def __init__(self):
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        numel = int(torch.Size(shape).numel())
+        buf = self._buffers.get(dtype)
+        if buf is None or buf.numel() < numel:
+            buf = self._buffers[dtype] = torch.empty(numel, dtype=dtype)
+        return buf[:numel].view(shape)
+
+
+def stacked_deltas(tasks: Sequence[TaskVector], key: str, pre: torch.Tensor, rows, scratch: Scratch) -> torch.Tensor:
+    """T x (piece shape) tensor of the task deltas, in a scratch buffer."""
+    out = scratch.take((len(tasks), *pre.shape), compute_dtype(pre.dtype))
+    for t, tv in enumerate(tasks):
+        tv.get_into(out[t], key, pre, rows)
+    return out
+
+
 def linear_merge(base: TensorSource, tasks: Sequence[TaskVector], plan: MergePlan, coeffs: Sequence[float],
                  base_coeff: float, sink, progress=True, desc="merging") -> None:
     """out = base_coeff * theta_0 + sum_t coeffs[t] * tau_t, key by key and row block by row
@@ -101,6 +125,7 @@ def ties_thresholds(base: TensorSource, tasks: Sequence[TaskVector], plan: Merge
     dtype = selection_dtype(base.info(k)[1] for k in plan.keys)
     passes = [0]
     gen = torch.Generator().manual_seed(1234)
+    scratch = Scratch()
 
     def read_pass(feed, fraction):
         passes[0] += 1
@@ -111,8 +136,9 @@ def ties_thresholds(base: TensorSource, tasks: Sequence[TaskVector], plan: Merge
             if fraction is None:
                 for rows in pieces(shape):
                     pre = _base_piece(base, key, rows)
-                    for t, tv in enumerate(tasks):
-                        feed(t, tv.get(key, pre, rows))
+                    magnitudes = stacked_deltas(tasks, key, pre, rows, scratch).abs_()
+                    for t in range(len(tasks)):
+                        feed(t, magnitudes[t], magnitudes=True)
             elif numel <= _SMALL_TENSOR or len(shape) < 2:
                 pre = base.get(key)
                 for t, tv in enumerate(tasks):
@@ -135,22 +161,31 @@ def _per_tensor_threshold(delta: torch.Tensor, density: float):
     return delta.reshape(-1).abs().kthvalue(rank).values.item()
 
 
-def ties_direction(deltas, thresholds: list, sign_method: str, disjoint: str, zero_sign_value: int | None):
+def ties_direction(deltas, thresholds: list, sign_method: str, disjoint: str, zero_sign_value: int | None,
+                   scratch: Scratch | None = None):
     """Merged (unscaled) TIES delta of one tensor (or row block), the sum of its elected signs,
-    and the mask of entries whose elected sign is 0 while some trimmed entry is non-zero (they
-    need the model-wide majority sign)."""
+    and whether some entry has elected sign 0 while a trimmed entry there is non-zero (such
+    entries need the model-wide majority sign)."""
     stacked = deltas if isinstance(deltas, torch.Tensor) else torch.stack(deltas)  # T x ... (modified in place)
+    work = (scratch or Scratch()).take(stacked.shape, stacked.dtype)  # a T x ... temporary, reused
     if any(thr is not None for thr in thresholds):
         thr = torch.tensor([-1.0 if t is None else t for t in thresholds], dtype=stacked.dtype)
-        stacked.mul_(stacked.abs() >= thr.view(-1, *([1] * (stacked.dim() - 1))))  # trim (in place)
+        # trim in place: multiply by the 1.0/0.0 mask (|x| >= thr) computed into the work buffer
+        # (the same values as multiplying by a bool mask, without the dtype-converting kernel)
+        torch.ge(torch.abs(stacked, out=work), thr.view(-1, *([1] * (stacked.dim() - 1))), out=work)
+        stacked.mul_(work)
     summed = stacked.sum(0)
     if bool(torch.isnan(summed).any()):  # (torch.sign(NaN) is 0, so NaN would pass silently)
         raise ValueError("a task vector contains NaN (or inf - inf); fix the checkpoint before merging")
     elected = torch.sign(summed if sign_method == "sum" else torch.sign(stacked).sum(0))
     elected_sum = int(elected.sum().item())
     zero = elected == 0
-    ambiguous = zero & (stacked != 0).any(0) if bool(zero.any()) else zero
-    if zero_sign_value is not None and bool(ambiguous.any()):
+    ambiguous = False
+    if bool(zero.any()):
+        # only the positions with elected sign 0 need checking (gathered, not the whole stack)
+        where_zero = zero.reshape(-1).nonzero().squeeze(1)
+        ambiguous = bool(stacked.reshape(len(stacked), -1).index_select(1, where_zero).any())
+    if zero_sign_value is not None and ambiguous:
         elected = torch.where(zero, torch.full_like(elected, zero_sign_value), elected)
     # As in the TIES reference: keep the non-zero entries whose sign is the elected one. With
     # elected in {-1, 0, +1}, stacked * elected is positive exactly there; clamping the rest to 0
@@ -158,7 +193,9 @@ def ties_direction(deltas, thresholds: list, sign_method: str, disjoint: str, ze
     agreeing = stacked.mul_(elected).clamp_(min=0)
     merged = agreeing.sum(0).mul_(elected)
     if disjoint == "mean":
-        merged = merged / torch.count_nonzero(agreeing, dim=0).clamp(min=1)
+        # number of kept entries: agreeing >= 0, so sign() is 1.0 exactly where it is non-zero
+        # (much faster than count_nonzero over dim 0; counts <= T are exact in floating point)
+        merged = merged / torch.sign(agreeing, out=work).sum(0).clamp_(min=1)
     return merged, elected_sum, ambiguous
 
 
@@ -190,20 +227,16 @@ def ties_merge(base: TensorSource, tasks: Sequence[TaskVector], plan: MergePlan,
         out = merged if direction_only else (pre.to(merged.dtype) + scaling * merged).to(pre.dtype)
         sink.write(key, out, rows[0] if rows else None)
 
-    def stacked_deltas(key, pre, rows):
-        out = torch.empty((len(tasks), *pre.shape), dtype=compute_dtype(pre.dtype))
-        for t, tv in enumerate(tasks):
-            tv.get_into(out[t], key, pre, rows)
-        return out
+    stack_scratch, work_scratch = Scratch(), Scratch()
 
     for key in _bar(plan.keys, "TIES merge", progress):
         thr = key_thresholds(key)
         for rows in pieces(base.info(key)[0]):
             pre = _base_piece(base, key, rows)
-            merged, elected_sum, ambiguous = ties_direction(stacked_deltas(key, pre, rows), thr,
-                                                            sign_method, disjoint, fixed_zero)
+            merged, elected_sum, ambiguous = ties_direction(stacked_deltas(tasks, key, pre, rows, stack_scratch), thr,
+                                                            sign_method, disjoint, fixed_zero, work_scratch)
             sign_total += elected_sum
-            if fixed_zero is None and bool(ambiguous.any()):
+            if fixed_zero is None and ambiguous:
                 # The TIES reference gives these entries the sign held by most entries of the whole
                 # model, known only after this pass: compute this block again at the end (rare).
                 deferred.append((key, rows))
@@ -216,8 +249,8 @@ def ties_merge(base: TensorSource, tasks: Sequence[TaskVector], plan: MergePlan,
     stats.deferred_keys = len({k for k, _ in deferred})
     for key, rows in deferred:
         pre = _base_piece(base, key, rows)
-        merged, _, _ = ties_direction(stacked_deltas(key, pre, rows), key_thresholds(key),
-                                      sign_method, disjoint, majority)
+        merged, _, _ = ties_direction(stacked_deltas(tasks, key, pre, rows, stack_scratch), key_thresholds(key),
+                                      sign_method, disjoint, majority, work_scratch)
         emit(key, rows, pre, merged)
     if not direction_only:
         for key in plan.passthrough:
