@@ -235,8 +235,9 @@ def multi_thresholds(
     read_pass: Callable[[Callable[[int, torch.Tensor], None], float | None], None],
 ) -> list[float | None]:
     """Thresholds for many tasks at once: `read_pass(feed, fraction)` must call `feed(task, tensor)`
-    (or `feed(task, abs_tensor, magnitudes=True)`) for every tensor of every task (one pass); with `fraction` not None only a random sample of
-    about that fraction of the entries (rows) is wanted. Tasks with rank None keep everything."""
+    (or `feed(task, abs_tensor, magnitudes=True)`) for every tensor of every task (one pass);
+    with `fraction` not None only a random sample of about that fraction of the entries (rows)
+    is wanted. Tasks with rank None keep everything."""
     selectors = [StreamingThreshold(r, total, dtype, seed=i) if r is not None else None for i, r in enumerate(ranks)]
     active = [s for s in selectors if s is not None]
     while active and not all(s.done for s in active):
