@@ -32,6 +32,13 @@ def test_quick_preset_and_explicit_overrides():
     assert (cfg.train_steps, cfg.max_test, cfg.logit_scale) == (7, 20, 30.0)
 
 
+def test_diagnostics_on_by_default_off_when_quick_or_asked():
+    assert cli.config_from_args(_parse([])).analysis is True
+    assert cli.config_from_args(_parse(["--quick"])).analysis is False
+    assert cli.config_from_args(_parse(["--no-analysis"])).analysis is False
+    assert cli.config_from_args(_parse(["--quick", "--analysis"])).analysis is True
+
+
 def test_unknown_task_is_rejected():
     with pytest.raises(SystemExit):
         _parse(["--tasks", "imdb"])

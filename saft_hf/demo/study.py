@@ -5,7 +5,7 @@ TIES) and evaluated (absolute and normalized accuracy). The paper's protocol at 
 Stages (each one resumable: fine-tuned encoders are cached in HF format under the cache dir and
 reused when the configuration matches):
   prepare_tasks -> build_heads -> finetune_all -> evaluate_individual -> merge_and_evaluate
-  -> run_diagnostics (optional, `--analysis`) -> report
+  -> run_diagnostics (on by default, `--no-analysis`) -> report
 """
 from __future__ import annotations
 
@@ -365,15 +365,11 @@ class DiagnosticsContext:
 
 
 def run_diagnostics(context: DiagnosticsContext, output_dir: Path, enabled: bool) -> dict:
-    """Optional stage: the analysis helper's heatmaps / landscapes on the demo's models.
-    Runs only with `--analysis`, and only if `saft_hf.analysis.demo_diagnostics` exists."""
+    """The paper's diagnostics (saft_hf.analysis) on the demo's models: heatmaps, Hessian curve, ...
+    On by default in the full run, off with `--quick` or `--no-analysis`."""
     if not enabled:
         return {"status": "skipped (enable with --analysis)"}
-    try:
-        from saft_hf.analysis import demo_diagnostics
-    except ImportError as err:
-        log(f"--analysis: saft_hf.analysis.demo_diagnostics is not available ({err}); skipping diagnostics")
-        return {"status": f"unavailable: {err}"}
+    from saft_hf.analysis import demo_diagnostics
     result = demo_diagnostics.run(context, output_dir / "diagnostics")
     return {"status": "done", **(result or {})}
 
