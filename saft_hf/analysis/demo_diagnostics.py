@@ -1,4 +1,4 @@
-"""The demo's optional diagnostics stage (`saft-hf demo --analysis`).
+"""The demo's diagnostics stage (on in `saft-hf demo`, off with `--quick` / `--no-analysis`).
 
 `saft_hf.demo.study.run_diagnostics` calls `run(context, output_dir)` with a `DiagnosticsContext`
 (pretrained encoder, tokenizer, frozen heads, tokenized validation splits, and per (seed, method)
