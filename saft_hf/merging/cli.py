@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 EPILOG = """\
 example config (recipes/merge_examples/ties_vit_b32.yaml):
@@ -43,19 +45,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _fail(message: str) -> int:
+    # exactly one line, whatever the exception text holds (torch/safetensors errors span lines)
+    print("saft-hf merge: error: " + " ".join(str(message).split()), file=sys.stderr)
+    return 1
+
+
+def load_config(path):
+    """The MergeConfig in YAML file `path`; unreadable / malformed files get a message naming it."""
+    import yaml
+
+    from .pipeline import MergeConfig
+
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"merge config {path} is a directory; give the YAML file (e.g. {p / 'merge.yaml'})")
+    if not p.exists():
+        raise FileNotFoundError(f"merge config {path} not found")
+    try:
+        return MergeConfig.from_yaml(p)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ValueError(f"merge config {path} is not valid YAML: {problem}{where}; fix the YAML syntax "
+                         "(see saft-hf merge --help for an example)") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"merge config {path} is not a text (UTF-8) file; give the YAML merge config") from None
+
+
 def run(args) -> int:
+    from ..io_utils import os_error_message
     from .io import CheckpointError
-    from .pipeline import MergeConfig, merge_models
+    from .pipeline import merge_models
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        config = MergeConfig.from_yaml(args.config)
+        config = load_config(args.config)
         if args.max_shard_size:
             config.max_shard_size = args.max_shard_size
         report = merge_models(config, args.output, overwrite=args.overwrite, progress=not args.no_progress)
-    except (CheckpointError, ValueError, KeyError, FileNotFoundError, FileExistsError) as exc:
-        print(f"saft-hf merge: error: {exc}", file=sys.stderr)
-        return 1
+    except OSError as exc:  # disk full, read-only, permissions, output refusals (io_utils.OutputError)
+        return _fail(os_error_message(exc, output=args.output))
+    except (CheckpointError, ValueError, KeyError) as exc:
+        return _fail(str(exc) if not isinstance(exc, KeyError) else exc.args[0] if exc.args else repr(exc))
+    except MemoryError:
+        return _fail("out of memory; merge fewer or smaller models at once, or use a machine with more RAM")
+    except Exception as exc:  # a bug: still one line, the traceback on request
+        if os.environ.get("SAFT_HF_DEBUG"):
+            raise
+        return _fail(f"unexpected {type(exc).__name__}: {exc} (a bug in saft-hf; run again with SAFT_HF_DEBUG=1 "
+                     "for the traceback and report it)")
     for note in report.get("notes", []):
         print(f"note: {note}")
     print(f"merged {report['merged_tensors']} tensors with {report['method']} into {args.output} "

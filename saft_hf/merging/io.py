@@ -5,6 +5,7 @@ A source hands out one tensor at a time, so merging T models never holds T model
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -22,6 +23,40 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 class CheckpointError(ValueError):
     """A checkpoint could not be read or does not fit the others (message names file/key and fix)."""
+
+
+def _too_many_open_files(exc: BaseException) -> bool:
+    # OSError from Python, or the same errno wrapped in a safetensors (Rust) / torch error text
+    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+        return True
+    text = str(exc)
+    return "Too many open files" in text or "os error 24" in text or "os error 23" in text
+
+
+def read_error(path, exc: BaseException, what: str) -> CheckpointError:
+    """A CheckpointError for a file that could not be read: says whether the file or the system is
+    the problem (too many open files, permissions), so a healthy file is not called corrupt."""
+    if _too_many_open_files(exc):
+        try:
+            import resource
+
+            limit = f" (the limit is {resource.getrlimit(resource.RLIMIT_NOFILE)[0]})"
+        except (ImportError, OSError, ValueError):
+            limit = ""
+        return CheckpointError(
+            f"cannot open {path}: too many open files{limit}. The merge keeps every shard of every checkpoint "
+            "open; raise the limit (e.g. `ulimit -n 4096` in the shell) and run again. The file itself is not "
+            "the problem.")
+    if isinstance(exc, PermissionError):
+        return CheckpointError(f"cannot read {path}: permission denied; make it readable (chmod) and run again")
+    if isinstance(exc, IsADirectoryError):
+        return CheckpointError(f"{path} is a directory, not a {what} file")
+    if isinstance(exc, OSError) and exc.errno == errno.EIO:
+        return CheckpointError(f"input/output error reading {path}: the disk or network filesystem failed")
+    if what == "safetensors":
+        return CheckpointError(f"cannot read safetensors file {path}: {exc}. The file is corrupt or incomplete; "
+                               "re-save or re-download it.")
+    return CheckpointError(f"cannot read PyTorch checkpoint {path}: {exc}. The file is corrupt or not a state dict.")
 
 
 class TensorSource:
@@ -113,18 +148,19 @@ class SafetensorsSource(TensorSource):
         self._entries: dict[str, tuple[int, int, int, tuple, torch.dtype]] = {}  # key -> (file, start, end, shape, dtype)
         for i, f in enumerate(files):
             try:
+                fd = os.open(f, os.O_RDONLY)
+            except OSError as exc:
+                self.close()
+                raise read_error(f, exc, "safetensors") from exc
+            self._fds.append(fd)
+            try:
                 with safe_open(str(f), framework="pt", device="cpu") as h:  # validates the whole header
                     keys = list(h.keys())
-                with open(f, "rb") as fh:
-                    n = int.from_bytes(fh.read(8), "little")
-                    header = json.loads(fh.read(n))
+                n = int.from_bytes(os.pread(fd, 8, 0), "little")
+                header = json.loads(os.pread(fd, n, 8))
             except Exception as exc:  # safetensors raises its own error types for corrupt files
-                raise CheckpointError(
-                    f"cannot read safetensors file {f}: {exc}. The file is corrupt or incomplete; "
-                    "re-save or re-download it."
-                ) from exc
-            fd = os.open(f, os.O_RDONLY)
-            self._fds.append(fd)
+                self.close()
+                raise read_error(f, exc, "safetensors") from exc
             for k in keys:
                 meta = header[k]
                 dtype = _ST_DTYPES.get(meta["dtype"])
@@ -219,10 +255,15 @@ class TorchBinSource(TensorSource):
                     raise
                 sd = torch.load(str(f), map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise CheckpointError(f"cannot read PyTorch checkpoint {f}: {exc}. The file is corrupt or not a state dict.") from exc
+            raise read_error(f, exc, "PyTorch") from exc
         if not isinstance(sd, dict):
             raise CheckpointError(f"{f} does not hold a state dict (got {type(sd).__name__})")
         sd = sd.get("state_dict", sd) if "state_dict" in sd and isinstance(sd["state_dict"], dict) else sd
+        for k, v in sd.items():
+            if not isinstance(v, torch.Tensor):
+                raise CheckpointError(
+                    f"{f}: entry {k!r} is a {type(v).__name__}, not a tensor; a checkpoint to merge must hold only "
+                    "the model's weights - save it with torch.save(model.state_dict(), ...) or model.save_pretrained(...)")
         self._current = (i, sd)
         return sd
 
@@ -416,9 +457,12 @@ class ShardedSafetensorsSink:
         self._written[key] = self._written.get(key, 0) + tensor.numel()
 
     def close(self) -> list[Path]:
-        for f in self._handles:
-            f.close()
-        self._handles = []
+        handles, self._handles = self._handles, []
+        try:
+            for f in handles:
+                f.close()
+        finally:
+            self._abort(handles)
         missing = [k for k, (_, _, shape, _) in self._where.items() if self._written.get(k, 0) != torch.Size(shape).numel()]
         if missing:
             raise RuntimeError(f"internal error: tensors not (fully) written: {missing[:5]}")
@@ -427,6 +471,19 @@ class ShardedSafetensorsSink:
                      "weight_map": {k: self.files[i].name for k, (i, *_rest) in sorted(self._where.items())}}
             (self.directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         return list(self.files)
+
+    @staticmethod
+    def _abort(handles) -> None:
+        # After a failure (disk full...) close without raising again, so no "Exception ignored"
+        # noise appears when the half-written files are garbage-collected.
+        for f in handles:
+            try:
+                f.close()
+            except OSError:
+                pass
+
+    def __del__(self):
+        self._abort(getattr(self, "_handles", []))
 
 
 def weight_files(directory: Path) -> Iterable[Path]:

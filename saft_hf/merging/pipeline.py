@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,8 @@ import yaml
 from ..io_utils import atomic_directory, write_json_atomic
 from .card import model_card
 from .engine import check_ties_args, linear_merge, per_task, ties_merge
-from .io import ADAPTER_CONFIG, ShardedSafetensorsSink, is_lora_adapter, open_source, resolve_checkpoint, weight_files
+from .io import ShardedSafetensorsSink, is_lora_adapter, open_source
+from .outputs import check_merge_output, copy_model_files, model_files_source
 from .plan import build_plan, check_extra_keys
 from .taskvectors import CheckpointTaskVector, DareTaskVector, LoraTaskVector, check_dare_args
 
@@ -27,7 +27,6 @@ METHODS = {
              "zero_sign": "majority"},
 }
 DARE_KEYS = {"drop_rate", "seed", "rescale"}
-_SKIP_COPY = {"README.md", ADAPTER_CONFIG, "merge_config.yaml", "merge_report.json"}
 
 
 @dataclasses.dataclass
@@ -41,6 +40,7 @@ class MergeConfig:
     params: dict = dataclasses.field(default_factory=dict)
     dare: dict | None = None
     max_shard_size: str = "2GB"
+    config: str | None = None  # where config.json/tokenizer come from if not beside `pretrained` (outputs.py)
 
     @classmethod
     def from_dict(cls, raw: dict) -> "MergeConfig":
@@ -95,18 +95,6 @@ class MergeConfig:
         return dataclasses.asdict(self)
 
 
-def _copy_model_files(src_dir: Path | None, dst: Path) -> list[str]:
-    if src_dir is None or not src_dir.is_dir():
-        return []
-    weights = {p.name for p in weight_files(src_dir)}
-    copied = []
-    for p in sorted(src_dir.iterdir()):
-        if p.is_file() and p.name not in weights and p.name not in _SKIP_COPY and not p.name.startswith("."):
-            shutil.copy2(p, dst / p.name)
-            copied.append(p.name)
-    return copied
-
-
 def merge_models(config: MergeConfig | dict | str, output_dir, overwrite: bool = False, progress: bool = True) -> dict:
     """Merge the checkpoints named in `config` into `output_dir` (an HF model directory loadable
     with from_pretrained). Returns a report dict (also saved as merge_report.json)."""
@@ -116,8 +104,7 @@ def merge_models(config: MergeConfig | dict | str, output_dir, overwrite: bool =
         config = MergeConfig.from_dict(config)
     config.validate()
     output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"output {output_dir} already exists; choose another directory or pass --overwrite")
+    inputs = check_merge_output(config, output_dir, overwrite)  # never is/contains/lies inside an input
     params = config.resolved_params()
     base_spec = config.pretrained
     if base_spec is None:  # weighted average without a pretrained model: the first model is the reference
@@ -125,7 +112,8 @@ def merge_models(config: MergeConfig | dict | str, output_dir, overwrite: bool =
     if is_lora_adapter(base_spec):
         raise ValueError(f"pretrained {base_spec} is a LoRA adapter; give the base model it was trained on")
     base = open_source(base_spec)
-    tasks, full_sources, notes = [], [], []
+    model_files, notes = model_files_source(base_spec, config.config)
+    tasks, full_sources = [], []
     for m in config.models:
         if is_lora_adapter(m["path"]):
             if config.pretrained is None:
@@ -154,7 +142,7 @@ def merge_models(config: MergeConfig | dict | str, output_dir, overwrite: bool =
         logger.info(n)
 
     stats: dict[str, Any] = {"method": config.method, "params": params}
-    with atomic_directory(output_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(output_dir, overwrite=overwrite, inputs=inputs) as tmp:
         layout = [(k, *base.info(k)) for k in plan.keys + plan.passthrough]
         sink = ShardedSafetensorsSink(tmp, layout, config.max_shard_size)
         if config.method == "task_arithmetic":
@@ -171,8 +159,7 @@ def merge_models(config: MergeConfig | dict | str, output_dir, overwrite: bool =
                            params["sign_method"], params["disjoint"], params["zero_sign"], sink, progress)
             stats.update(thresholds=s.thresholds, majority_sign=s.majority_sign, deferred_keys=s.deferred_keys)
         shards = sink.close()
-        base_dir = resolve_checkpoint(base_spec)
-        copied = _copy_model_files(base_dir if base_dir.is_dir() else None, tmp)
+        copied = copy_model_files(model_files, tmp)
         (tmp / "merge_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         (tmp / "README.md").write_text(model_card(config.to_dict(), notes, stats))
         stats.update(notes=notes, shards=[p.name for p in shards], copied_files=copied,

@@ -69,14 +69,32 @@ class CheckpointTaskVector(TaskVector):
             s_base, d_base = base.info(k)
             s_ft, d_ft = self.source.info(k)
             if s_base != s_ft:
-                hint = " (vocabulary size differs? resize the embeddings to the base size first)" if "embed" in k or "lm_head" in k or "shared" in k else ""
-                raise CheckpointError(f"shape mismatch for {k!r}: pretrained {list(s_base)} vs {self.name} {list(s_ft)}{hint}")
+                raise CheckpointError(f"shape mismatch for {k!r}: pretrained {list(s_base)} vs {self.name} {list(s_ft)}"
+                                      f"{shape_mismatch_hint(k, s_base, s_ft)}")
             if d_base != d_ft:
                 raise CheckpointError(
                     f"dtype mismatch for {k!r}: pretrained {d_base} vs {self.name} {d_ft}; save both in the same "
                     "dtype (e.g. model.to(torch.float32).save_pretrained(...))"
                 )
         return []
+
+
+# Weights whose first dimension is the vocabulary (input embeddings, output projections / biases).
+_VOCAB_KEY = re.compile(r"(^|\.)(word_embeddings|embed_tokens|shared|token_embedding|wte|embed_in|embed_out|lm_head"
+                        r"|predictions\.decoder)\.(weight|bias)$|(^|\.)predictions\.bias$")
+_POSITION_KEY = re.compile(r"(^|\.)(position_embeddings?|wpe|embed_positions)\.weight$")
+
+
+def shape_mismatch_hint(key: str, shape_a, shape_b) -> str:
+    """Why two checkpoints' `key` may differ in shape: the vocabulary only for vocabulary-sized
+    weights that differ in their first dimension alone; otherwise a different architecture."""
+    same_rest = len(shape_a) == len(shape_b) and len(shape_a) >= 1 and tuple(shape_a[1:]) == tuple(shape_b[1:])
+    if _VOCAB_KEY.search(key) and same_rest:
+        return " (vocabulary size differs? resize the embeddings to the base size first)"
+    if _POSITION_KEY.search(key) and same_rest:
+        return " (max_position_embeddings differs? the models must have the same configuration)"
+    return (" (the models have different sizes - hidden size, heads or layers? both must be the same architecture "
+            "and configuration)")
 
 
 class DictTaskVector(TaskVector):
@@ -98,6 +116,27 @@ class DictTaskVector(TaskVector):
         return []
 
 
+def _read_adapter_config(path: Path) -> dict:
+    """adapter_config.json, checked for what the merge uses (messages name the file)."""
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read LoRA adapter config {path}: {exc}; it must be the JSON file PEFT's "
+                              "save_pretrained writes - save the adapter again") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"LoRA adapter config {path} is not a JSON object; save the adapter again")
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+    if "lora_alpha" in cfg and not number(cfg["lora_alpha"]):
+        raise CheckpointError(f"{path}: lora_alpha must be a number, got {cfg['lora_alpha']!r}")
+    pattern = cfg.get("alpha_pattern") or {}
+    if not isinstance(pattern, dict) or not all(number(v) for v in pattern.values()):
+        raise CheckpointError(f"{path}: alpha_pattern must map module names to numbers, got {pattern!r}")
+    return cfg
+
+
 def _pattern_value(patterns: Mapping[str, float], module: str, default):
     for pat, val in (patterns or {}).items():
         if re.match(rf"(.*\.)?{pat}$", module):
@@ -117,7 +156,7 @@ class LoraTaskVector(TaskVector):
         adapter_dir = Path(adapter_dir)
         self.name = name or str(adapter_dir)
         self.description = f"LoRA adapter {self.name}: full delta B@A*scale merged as the task vector"
-        cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+        cfg = _read_adapter_config(adapter_dir / ADAPTER_CONFIG)
         if cfg.get("peft_type", "LORA") != "LORA":
             raise CheckpointError(f"{adapter_dir} is a {cfg.get('peft_type')} adapter; only LoRA adapters can be merged")
         if cfg.get("use_dora"):
@@ -131,7 +170,9 @@ class LoraTaskVector(TaskVector):
         else:
             raise CheckpointError(f"no adapter_model.safetensors or adapter_model.bin in {adapter_dir}")
         self.source = src
-        self.pairs: dict[str, tuple[str, str, str]] = {}  # base key -> (A key, B key, kind)
+        where = ", ".join(p.name for p in files) if files else "adapter_model.bin"
+        keys = set(src.keys())
+        self.pairs: dict[str, tuple[str, str, str, str]] = {}  # base key -> (A key, B key, kind, module)
         self.full: dict[str, str] = {}  # base key -> saved full tensor key
         for k in src.keys():
             inner = k[len(self.PREFIX):] if k.startswith(self.PREFIX) else k
@@ -141,9 +182,18 @@ class LoraTaskVector(TaskVector):
                 emb = m.group(2) == "embedding_A"
                 a_key = k
                 b_key = k.replace("lora_embedding_A", "lora_embedding_B") if emb else k.replace("lora_A", "lora_B")
+                if b_key not in keys:
+                    raise CheckpointError(
+                        f"LoRA adapter {adapter_dir}: module {module!r} has {k!r} but no {b_key!r} in {where}; "
+                        "the adapter is incomplete - save it again with save_pretrained")
                 self.pairs[f"{module}.weight"] = (a_key, b_key, "embedding" if emb else "linear", module)
                 continue
             if re.search(r"\.lora_(B|embedding_B)", inner):
+                a_key = k.replace("lora_embedding_B", "lora_embedding_A").replace("lora_B", "lora_A")
+                if a_key not in keys:
+                    raise CheckpointError(
+                        f"LoRA adapter {adapter_dir}: {k!r} has no matching {a_key!r} in {where}; the adapter is "
+                        "incomplete - save it again with save_pretrained")
                 continue
             inner = inner.replace(".modules_to_save.default", "")
             self.full[inner] = k
