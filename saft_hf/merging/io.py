@@ -262,7 +262,7 @@ class TorchBinSource(TensorSource):
         for k, v in sd.items():
             if not isinstance(v, torch.Tensor):
                 raise CheckpointError(
-                    f"{f}: entry {k!r} is a {type(v).__name__}, not a tensor; a checkpoint to merge must hold only "
+                    f"{f}: entry {k!r} is not a tensor ({type(v).__name__}); a checkpoint to merge must hold only "
                     "the model's weights - save it with torch.save(model.state_dict(), ...) or model.save_pretrained(...)")
         self._current = (i, sd)
         return sd
