@@ -292,6 +292,13 @@ def _output_lock(p: Path, wait: bool) -> Iterator[None]:
                                       "or choose another output") from None
                 logger.warning("%s is writing %s; waiting for it to finish", who, p)
                 fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                # a filesystem without locks (some network mounts): the no-replace rename still
+                # protects the output; concurrent --overwrite runs are then not serialised
+                logger.debug("cannot lock %s (%s); continuing without the lock", lock, exc)
+                break
             st, now = os.fstat(fd), _identity(lock)
             if now == (st.st_dev, st.st_ino):
                 break
@@ -473,25 +480,25 @@ def atomic_path(path: str | os.PathLike, inputs: Iterable = ()) -> Iterator[Path
     """
     p = check_output(path, inputs, overwrite=True, directory=False)
     created: list[Path] = []
-    tmp = None
     try:
         with _output_errors(p):
             created = _make_parents(p)
             while True:
                 tmp = _temp_name(p, "tmp")
                 try:
-                    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0o666 & ~umask
                     break
                 except FileExistsError:
                     continue
-            yield tmp
-            os.replace(tmp, p)
+            try:
+                yield tmp
+                os.replace(tmp, p)
+            finally:
+                if os.path.lexists(tmp):
+                    _remove(tmp)
     except BaseException:
         _remove_created(created)
         raise
-    finally:
-        if tmp is not None and os.path.lexists(tmp):
-            _remove(tmp)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
