@@ -30,6 +30,7 @@ import os
 import re
 import secrets
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -122,6 +123,8 @@ def _input_locations(inputs: Iterable) -> list[tuple[str, Path]]:
         if given is None or not isinstance(given, (str, os.PathLike)):
             continue
         p = _abs(given)
+        if not os.path.lexists(p):  # nothing there to destroy (e.g. a Hub model id)
+            continue
         out.append((str(given), Path(os.path.realpath(p))))
         if p.is_dir():
             try:
@@ -245,11 +248,31 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove(path: Path) -> None:
+    """Delete a temporary entry (a tree, a file or a link - never what a link points to). Read-only
+    directories inside it (an old output made read-only) are made writable first; what still
+    cannot be removed is reported."""
     if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
+        def retry_writable(func, name, _exc_info):
+            parent = os.path.dirname(name)
+            try:
+                os.chmod(parent, os.stat(parent).st_mode | 0o700)
+                if os.path.isdir(name) and not os.path.islink(name):
+                    os.chmod(name, os.stat(name).st_mode | 0o700)
+                    shutil.rmtree(name, ignore_errors=True)
+                else:
+                    func(name)
+            except OSError:
+                pass
+
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(path, onexc=lambda f, n, e: retry_writable(f, n, None))
+        else:
+            shutil.rmtree(path, onerror=retry_writable)
     else:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+    if os.path.lexists(path):
+        logger.warning("could not remove the temporary %s; delete it by hand", path)
 
 
 def _clean_stale(p: Path) -> None:

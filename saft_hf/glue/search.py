@@ -122,7 +122,7 @@ def export_pretrained(name_or_path: str | os.PathLike, output_dir: str | os.Path
 
     model = AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path))
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-    with atomic_directory(output_dir) as tmp:
+    with atomic_directory(output_dir, inputs=[name_or_path]) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
     return str(output_dir)

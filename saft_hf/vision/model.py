@@ -146,7 +146,7 @@ def save_pretrained_vision_encoder(model_name_or_path: str, output_dir: str | os
     output_dir = Path(output_dir)
     encoder = load_vision_encoder(model_name_or_path)
     processor = load_image_processor(model_name_or_path)
-    with atomic_directory(output_dir, overwrite=True) as tmp:
+    with atomic_directory(output_dir, overwrite=True, inputs=[model_name_or_path]) as tmp:
         encoder.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return output_dir
