@@ -19,7 +19,7 @@ _SKIP_COPY = {"README.md", ADAPTER_CONFIG, "merge_config.yaml", "merge_report.js
 def merge_inputs(config) -> list[str]:
     """Every path a merge reads: pretrained, models, `config:`; Hub ids as their cached snapshot."""
     specs = [config.pretrained, getattr(config, "config", None)]
-    specs += [m.get("path") if isinstance(m, dict) else m for m in (config.models or [])]
+    specs += [m.get("path") if isinstance(m, dict) else getattr(m, "path", m) for m in (config.models or [])]
     out = []
     for spec in specs:
         if not isinstance(spec, (str, os.PathLike)):
