@@ -83,17 +83,25 @@ class _CoreSharpnessArguments:
     )
 
 
-@dataclass
-class SharpnessArgumentsMixin(*sam_variants.argument_classes(), _CoreSharpnessArguments):
-    """SAM hyper-parameters shared by the plain and the Seq2Seq arguments (core knobs + the variants' own)."""
+def build_sharpness_mixin(extra_argument_classes=()) -> type:
+    """The arguments mixin: core knobs plus the `sam_*` fields of the given variant argument dataclasses."""
 
-    def __post_init__(self):
-        super().__post_init__()
-        validate_sharpness_arguments(self)
+    @dataclass
+    class SharpnessArgumentsMixin(*extra_argument_classes, _CoreSharpnessArguments):
+        """SAM hyper-parameters shared by the plain and the Seq2Seq arguments (core knobs + the variants' own)."""
 
-    @property
-    def sam_enabled(self) -> bool:
-        return self.sam_rho > 0
+        def __post_init__(self):
+            super().__post_init__()
+            validate_sharpness_arguments(self)
+
+        @property
+        def sam_enabled(self) -> bool:
+            return self.sam_rho > 0
+
+    return SharpnessArgumentsMixin
+
+
+SharpnessArgumentsMixin = build_sharpness_mixin(tuple(sam_variants.argument_classes()))
 
 
 def _check_number(args, name: str) -> None:
