@@ -141,7 +141,7 @@ class SAMStep:
 
             for p, g in zip(self.trainable, grads):
                 if g is not None:
-                    safe_set_full_grad(p, g)
+                    safe_set_full_grad(p, _pad_for_zero3(p, g))
             return
         with torch.no_grad():
             for p, g in zip(self.trainable, grads):
@@ -151,6 +151,20 @@ class SAMStep:
                     p.grad = g.detach().to(p.dtype).clone()
                 elif g is not p.grad:
                     p.grad.copy_(g)
+
+
+def _pad_for_zero3(param: torch.nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
+    """ZeRO-3's set_fp32_grad_for_param cuts this rank's slice out of the flat value without the padding
+    of the last partition (deepspeed 0.19): pad it to partition size x ranks. No-op for other params."""
+    if not hasattr(param, "ds_id"):
+        return grad
+    import torch.distributed as dist
+
+    partition = param.ds_tensor.numel()
+    ranks = dist.get_world_size(group=getattr(param, "ds_process_group", None))
+    flat = grad.reshape(-1)
+    missing = partition * ranks - flat.numel()
+    return torch.cat([flat, flat.new_zeros(missing)]) if missing > 0 else flat
 
 
 class SAMVariant:
