@@ -323,3 +323,42 @@ def test_sam_log_means_after_resume_equal_the_uninterrupted_run(tmp_path):
     for key in ("sam_perturbed_loss", "sam_perturbation_norm", "sam_grad_norm", "loss"):
         assert resumed[6][key] == pytest.approx(full[6][key], rel=1e-5), key
     assert full[6]["sam_perturbed_loss"] > 0.1
+
+
+# ---------------------------------------------------------------- the documented example works as written
+def test_docs_example_variant_with_its_own_knob_trains(tmp_path):
+    import re
+    import types
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "extending-sam.md").read_text()
+    (code,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "register_sam_variant" in b]
+    module = types.ModuleType("saft_hf.sam_variants._docs_example")
+    module.__package__ = "saft_hf.sam_variants"
+    try:
+        exec(compile(code, "docs/extending-sam.md", "exec"), module.__dict__)
+        SignSAM = get_sam_variant("signsam")
+
+        @dataclass
+        class Args(build_sharpness_mixin((SignSAM.arguments,)), TrainingArguments):
+            pass
+
+        base = make_args(tmp_path).to_dict()
+        kwargs = {k: base[k] for k in ("output_dir", "per_device_train_batch_size", "gradient_accumulation_steps",
+                                       "max_steps", "learning_rate", "optim", "use_cpu", "report_to",
+                                       "save_strategy", "logging_steps", "disable_tqdm", "lr_scheduler_type",
+                                       "weight_decay", "max_grad_norm", "seed")}
+        with pytest.raises(ValueError, match="sam_sign_scale"):
+            Args(**kwargs, sam_variant="signsam", sam_sign_scale=float("inf"))
+        args = Args(**kwargs, sam_variant="signsam", sam_rho=0.05, sam_sign_scale=2.0)
+        torch.manual_seed(0)
+        model = TinyClassifier()
+        init = copy.deepcopy(model.state_dict())
+        trainer = RecordingTrainer(model=model, args=args, train_dataset=TinyDataset())
+        trainer.recorded = []
+        trainer.train()
+        reference = replay_sam(TinyClassifier(), init, [trainer.recorded], grad_accum=2, lr=LR, rho=0.05,
+                               adaptive=False, perturbation=toy_sam_variant.replay_perturbation(0.1))
+        assert max_difference({k: model.state_dict()[k] for k in reference}, reference) < 1e-6
+    finally:
+        unregister_sam_variant("signsam")
