@@ -1,23 +1,40 @@
-"""Training arguments with the sharpness-aware (SAM / ASAM) knobs of SAFT.
+"""Training arguments with the sharpness-aware (SAM / ASAM / other variants) knobs of SAFT.
 
 The knobs are defined once, in `SharpnessArgumentsMixin`, and mixed into both
 `TrainingArguments` and `Seq2SeqTrainingArguments`. Every knob is a dataclass field with
-help text, so `HfArgumentParser` (command line, JSON, YAML) picks them up unchanged.
+help text, so `HfArgumentParser` (command line, JSON, YAML) picks them up unchanged. A variant in
+`saft_hf.sam_variants` can add its own `sam_*` fields (its `arguments` dataclass is mixed in here).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import warnings
 from dataclasses import dataclass, field
+from typing import Optional
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
+from . import sam_variants
+
 SAM_SCOPES = ("all", "weights")
+DEFAULT_SAM_VARIANT = "asam"
+# the deprecated boolean alias: sam_adaptive=True -> "asam", False -> "sam"
+_ADAPTIVE_ALIAS = {True: "asam", False: "sam"}
+
+
+class _DefaultVariant(str):
+    """The default sam_variant, marked so that an explicit `sam_variant="asam"` can be told apart from it
+    (needed to reject `sam_variant="asam", sam_adaptive=False`). `__str__` returns the marked object so
+    the mark survives argparse, which passes string defaults through `type=str`."""
+
+    def __str__(self):
+        return self
 
 
 @dataclass
-class SharpnessArgumentsMixin:
-    """SAM / ASAM hyper-parameters shared by the plain and the Seq2Seq arguments."""
-
+class _CoreSharpnessArguments:
     sam_rho: float = field(
         default=0.5,
         metadata={
@@ -25,9 +42,20 @@ class SharpnessArgumentsMixin:
             "0.05 for plain SAM). 0 disables SAM: the trainer then behaves exactly like `Trainer`."
         },
     )
-    sam_adaptive: bool = field(
-        default=True,
-        metadata={"help": "Use adaptive SAM (ASAM, scale-invariant, T_w = |w| + eta). False gives plain SAM."},
+    sam_variant: str = field(
+        default=_DefaultVariant(DEFAULT_SAM_VARIANT),
+        metadata={
+            "help": "Which sharpness-aware method: "
+            + ", ".join(repr(n) for n in sam_variants.sam_variant_names())
+            + " ('asam': adaptive SAM, T_w = |w| + eta, scale invariant; 'sam': plain SAM, T = 1). "
+            "Variants are registered in saft_hf.sam_variants."
+        },
+    )
+    sam_adaptive: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "Deprecated alias of sam_variant: True = 'asam', False = 'sam'. Use sam_variant instead."
+        },
     )
     sam_eta: float = field(
         default=0.0,
@@ -39,8 +67,9 @@ class SharpnessArgumentsMixin:
         default="all",
         metadata={
             "help": "Which tensors ASAM rescales: 'all' (T = |w| + eta for every trainable tensor, as in the SAFT "
-            "paper's code) or 'weights' (official ASAM convention: only tensors whose name ends in 'weight'; "
-            "T = 1 for biases and the rest).",
+            "paper's code) or 'weights' (official ASAM convention: only tensors whose name contains 'weight', "
+            "incl. weight-norm's weight_g/weight_v and parametrizations.weight.original0/1; T = 1 for biases "
+            "and the rest).",
             "choices": list(SAM_SCOPES),
         },
     )
@@ -53,35 +82,90 @@ class SharpnessArgumentsMixin:
         },
     )
 
-    def __post_init__(self):
-        super().__post_init__()
-        validate_sharpness_arguments(self)
 
-    @property
-    def sam_enabled(self) -> bool:
-        return self.sam_rho > 0
+def build_sharpness_mixin(extra_argument_classes=()) -> type:
+    """The arguments mixin: core knobs plus the `sam_*` fields of the given variant argument dataclasses."""
+
+    @dataclass
+    class SharpnessArgumentsMixin(*extra_argument_classes, _CoreSharpnessArguments):
+        """SAM hyper-parameters shared by the plain and the Seq2Seq arguments (core knobs + the variants' own)."""
+
+        def __post_init__(self):
+            super().__post_init__()
+            validate_sharpness_arguments(self)
+
+        @property
+        def sam_enabled(self) -> bool:
+            return self.sam_rho > 0
+
+    return SharpnessArgumentsMixin
+
+
+SharpnessArgumentsMixin = build_sharpness_mixin(tuple(sam_variants.argument_classes()))
+
+
+def _check_number(args, name: str) -> None:
+    value = getattr(args, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+    setattr(args, name, float(value))
+
+
+def _check_bool(args, name: str, allow_none: bool = False) -> None:
+    value = getattr(args, name)
+    if value is None and allow_none:
+        return
+    if not isinstance(value, bool):
+        hint = " (a string is not read as a boolean: write true/false without quotes)" if isinstance(value, str) else ""
+        raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__}){hint}.")
+
+
+def _resolve_variant(args) -> None:
+    """Apply the deprecated `sam_adaptive` alias to `sam_variant`, then clear it (it only carries input)."""
+    adaptive = args.sam_adaptive
+    explicit = not isinstance(args.sam_variant, _DefaultVariant)
+    variant = str.__str__(args.sam_variant)  # a plain str from here on (pickles, compares, prints as usual)
+    if adaptive is not None:
+        implied = _ADAPTIVE_ALIAS[adaptive]
+        if explicit and variant != implied:
+            raise ValueError(
+                f"sam_adaptive={adaptive} (deprecated alias of sam_variant={implied!r}) contradicts "
+                f"sam_variant={variant!r}: drop sam_adaptive and keep sam_variant."
+            )
+        warnings.warn(
+            f"sam_adaptive is deprecated and will be removed; use sam_variant={implied!r} instead of "
+            f"sam_adaptive={adaptive}.",
+            FutureWarning,
+            stacklevel=5,  # the line that built the arguments
+        )
+        variant = implied
+        args.sam_adaptive = None
+    args.sam_variant = variant
 
 
 def validate_sharpness_arguments(args) -> None:
-    """Raise a ValueError naming the bad SAM knob and how to fix it."""
-    if not isinstance(args.sam_rho, (int, float)) or args.sam_rho != args.sam_rho or args.sam_rho < 0:
-        raise ValueError(f"sam_rho must be a number >= 0 (0 disables SAM), got {args.sam_rho!r}.")
-    if not isinstance(args.sam_eta, (int, float)) or args.sam_eta != args.sam_eta or args.sam_eta < 0:
-        raise ValueError(f"sam_eta must be a number >= 0 (ASAM uses 0 or 0.01), got {args.sam_eta!r}.")
-    if args.sam_scope not in SAM_SCOPES:
+    """Check type and range of every SAM knob; raise a ValueError naming the bad one and the fix."""
+    _check_number(args, "sam_rho")
+    _check_number(args, "sam_eta")
+    _check_bool(args, "sam_sync_perturbation")
+    _check_bool(args, "sam_adaptive", allow_none=True)
+    if not isinstance(args.sam_scope, str) or args.sam_scope not in SAM_SCOPES:
         raise ValueError(f"sam_scope must be one of {SAM_SCOPES}, got {args.sam_scope!r}.")
-    if args.sam_eta > 0 and not args.sam_adaptive:
+    if not isinstance(args.sam_variant, str):
         raise ValueError(
-            f"sam_eta={args.sam_eta} only affects ASAM; with sam_adaptive=False set sam_eta=0 "
-            "(or set sam_adaptive=True)."
+            f"sam_variant must be a string, one of {sam_variants.sam_variant_names()}, got {args.sam_variant!r}."
         )
+    _resolve_variant(args)
+    sam_variants.get_sam_variant(args.sam_variant).validate_arguments(args)
 
 
 @dataclass
 class SAFTTrainingArguments(SharpnessArgumentsMixin, TrainingArguments):
-    """`TrainingArguments` plus the SAM / ASAM knobs (`sam_*`) used by `SAFTTrainer`."""
+    """`TrainingArguments` plus the SAM knobs (`sam_*`) used by `SAFTTrainer`."""
 
 
 @dataclass
 class SAFTSeq2SeqTrainingArguments(SharpnessArgumentsMixin, Seq2SeqTrainingArguments):
-    """`Seq2SeqTrainingArguments` plus the SAM / ASAM knobs (`sam_*`) used by `SAFTSeq2SeqTrainer`."""
+    """`Seq2SeqTrainingArguments` plus the SAM knobs (`sam_*`) used by `SAFTSeq2SeqTrainer`."""

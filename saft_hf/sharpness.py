@@ -38,12 +38,14 @@ def adaptive_scale_mask(names: Sequence[str], scope: str) -> list[bool]:
     """Which tensors get T = |w| + eta.
 
     - "all": every tensor (SAFT paper code, davda54/sam).
-    - "weights": tensors whose name ends in "weight" (official SamsungLabs ASAM); T = 1 for the rest.
+    - "weights": tensors whose name contains "weight" (the official SamsungLabs ASAM test,
+      `"weight" in name`), so weight-normed tensors count too: `weight_g`/`weight_v` and
+      `parametrizations.weight.original0/1`; T = 1 for biases and the rest.
     """
     if scope == "all":
         return [True] * len(names)
     if scope == "weights":
-        return [name.endswith("weight") for name in names]
+        return ["weight" in name for name in names]
     raise ValueError(f"Unknown ASAM scope {scope!r}: use 'all' or 'weights'.")
 
 

@@ -5,20 +5,24 @@ the README's trainer section for why there and what is supported):
 
 1. first pass at w: loss + `torch.autograd.grad` (never touches `.grad`, DDP buckets or
    DeepSpeed partitions); under DDP inside `no_sync`, under DeepSpeed through `engine.module`;
-2. e = SAM/ASAM perturbation (saft_hf.sharpness), computed in place in the fresh gradients;
-   back up the perturbed tensors and add e in place;
+2. e = the perturbation of the `sam_variant` strategy (saft_hf.sam_variants; the maths is in
+   saft_hf.sharpness), computed in place in the fresh gradients; back up the perturbed tensors and
+   add e in place;
 3. second pass at w + e through the parent's `training_step` (loss scaling for gradient
    accumulation, GradScaler, DDP sync, DeepSpeed backward);
 4. restore w from the backups in a `finally:`; under DeepSpeed the engine step that accelerate
    would run inside `backward` is deferred until after the restore.
 
-The SAM logic is written once, in `SAFTTrainerMixin`.
+The strategy may skip the first pass on a micro-batch and hooks in after each second pass and
+before each optimizer step (see saft_hf/sam_variants/base.py for the call order and contract).
+The SAM logic is written once, in `SAFTTrainerMixin`; no variant name appears in this file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import Any
 
 import torch
@@ -28,7 +32,7 @@ from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_pt_utils import nested_gather
 from transformers.training_args import OptimizerNames
 
-from . import sharpness
+from . import sam_variants, sharpness
 from .args import SAFTSeq2SeqTrainingArguments, SAFTTrainingArguments, validate_sharpness_arguments
 from .io_utils import write_text_atomic
 
@@ -54,7 +58,7 @@ _CITATION_MARKER = "## Sharpness-aware fine-tuning (SAFT)"
 
 
 class _SAMLogAccumulator:
-    """Running sums since the last log: perturbed loss, ||e||, ||T g||, micro-batches, skips."""
+    """Running sums since the last log: perturbed loss, ||e||, ||T g||, optimizer steps, skips."""
 
     def __init__(self):
         self.reset()
@@ -66,13 +70,19 @@ class _SAMLogAccumulator:
         self.grad_norm = 0.0
         self.micro_batches = 0
         self.perturbed_micro_batches = 0
+        # counted here, not taken from global_step: after resume_from_checkpoint the sums start empty
+        self.optimizer_steps = 0
 
-    def add(self, perturbed_loss: torch.Tensor, result: sharpness.PerturbationResult | None):
+    def add(self, perturbed_loss: torch.Tensor, perturbation: sam_variants.Perturbation | None, last: bool):
+        """`perturbation` None: a plain micro-batch chosen by the variant (not a skip)."""
         self.perturbed_loss += float(perturbed_loss)
         self.micro_batches += 1
-        if result is not None and result.applied:
-            self.perturbation_norm += float(result.perturbation_norm)
-            self.grad_norm += float(result.grad_norm)
+        self.optimizer_steps += int(last)
+        if perturbation is None:
+            return
+        if perturbation.applied:
+            self.perturbation_norm += float(perturbation.norm) if perturbation.norm is not None else 0.0
+            self.grad_norm += float(perturbation.grad_norm) if perturbation.grad_norm is not None else 0.0
             self.perturbed_micro_batches += 1
         else:
             self.skipped_total += 1
@@ -94,7 +104,8 @@ class SAFTTrainerMixin:
         validate_sharpness_arguments(args)
         super().__init__(model, args, *positional, **kwargs)
         self._sam_log = _SAMLogAccumulator()
-        self._sam_last_logged_step = self.state.global_step
+        self._sam_micro_batch = 0  # index within the current accumulation window
+        self.sam_strategy: sam_variants.SAMVariant = sam_variants.get_sam_variant(args.sam_variant)(args)
         if self.sam_enabled:
             self._check_sam_support()
 
@@ -112,6 +123,12 @@ class SAFTTrainerMixin:
     def _check_sam_support(self) -> None:
         """Refuse, at construction time, the set-ups where the two-pass update cannot be correct."""
         args = self.args
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError(
+                f"SAM (sam_rho={args.sam_rho}) needs trainable parameters, but every parameter of "
+                f"{type(self.model).__name__} has requires_grad=False. Unfreeze the parameters to train "
+                "(or apply LoRA / another adapter), or set sam_rho=0."
+            )
         if self.is_fsdp_enabled:
             raise NotImplementedError(
                 "SAM/ASAM with FSDP is not implemented in SAFTTrainer: FSDP keeps the weights sharded outside "
@@ -155,11 +172,27 @@ class SAFTTrainerMixin:
                 "or tensor parallelism would need the perturbation norm reduced over the model-parallel group. "
                 "Set sam_rho=0 or drop the parallelism_config."
             )
+        reason = self.sam_strategy.unsupported_reason(self._sam_training_setup())
+        if reason:
+            raise NotImplementedError(f"sam_variant={args.sam_variant!r} cannot run in this set-up: {reason}")
         if self._zero_stage == 3 and not args.sam_sync_perturbation:
             logger.info(
                 "DeepSpeed ZeRO-3 shards the parameters, so all ranks must share one perturbation: the first-pass "
                 "gradient is all-reduced (as with sam_sync_perturbation=True)."
             )
+
+    def _sam_training_setup(self) -> sam_variants.TrainingSetup:
+        args = self.args
+        distributed = "deepspeed" if self.is_deepspeed_enabled else ("ddp" if args.world_size > 1 else "no")
+        model = self.model
+        return sam_variants.TrainingSetup(
+            zero_stage=self._zero_stage,
+            world_size=args.world_size,
+            distributed=distributed,
+            peft=hasattr(model, "peft_config"),
+            mixed_precision="fp16" if args.fp16 else ("bf16" if args.bf16 else "no"),
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+        )
 
     # ------------------------------------------------------------------ the step
     def training_step(
@@ -176,54 +209,84 @@ class SAFTTrainerMixin:
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
 
+        strategy = self.sam_strategy
         first_pass_model = self._sam_first_pass_model(model)
-        names, params = self._sam_trainable(first_pass_model)
-        loss, grads = self._sam_first_pass(model, first_pass_model, params, inputs, num_items_in_batch)
+        step = self._sam_step(first_pass_model, inputs)
+        loss = grads = bn_snapshot = None
+        if strategy.takes_first_pass(step):
+            loss, grads = self._sam_first_pass(model, first_pass_model, step.params, inputs, num_items_in_batch)
+            kept = [(n, p, g) for n, p, g in zip(step.names, step.params, grads) if g is not None]
+            step.names = [n for n, _, _ in kept]
+            step.params = [p for _, p, _ in kept]
+            grads = [g for _, _, g in kept]
+            del kept
+            step.first_pass_loss = loss.detach()
+            bn_snapshot = _snapshot_batchnorm(first_pass_model)  # stats after the first pass, at w
 
-        kept = [(n, p, g) for n, p, g in zip(names, params, grads) if g is not None]
-        names = [n for n, _, _ in kept]
-        params = [p for _, p, _ in kept]
-        grads = [g for _, _, g in kept]
-        del kept
-
+        params = step.params
         zero3 = self._zero_stage == 3
-        bn_snapshot = _snapshot_batchnorm(first_pass_model)  # stats after the first pass, at w
         engine = self._deepspeed_engine()
-        with self._sam_gathered(params, zero3):
-            result = sharpness.perturbation_(
-                params,
-                grads,
-                rho=self.args.sam_rho,
-                adaptive=self.args.sam_adaptive,
-                eta=self.args.sam_eta,
-                scaled=sharpness.adaptive_scale_mask(names, self.args.sam_scope),
-                all_finite=self._sam_all_ranks_agree,
-            )
-            backups = sharpness.perturb_(params, grads, release=True) if result.applied else None
+        backups = None
+        with self._sam_gathered(params, zero3), torch.no_grad():
+            perturbation = strategy.perturbation(step, grads)
+            if perturbation is not None and perturbation.applied:
+                backups = sharpness.perturb_(params, perturbation.tensors, release=True)
+                perturbation.tensors = None
         del grads
         try:
-            if not result.applied:
-                self._sam_report_skip(result)
+            if perturbation is not None and not perturbation.applied:
+                self._sam_report_skip(perturbation)
             with _defer_engine_step(engine):
                 perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             if backups is not None:
                 with self._sam_gathered(params, zero3):
                     sharpness.restore_(params, backups)
-            _restore_batchnorm(bn_snapshot)
+            if bn_snapshot is not None:
+                _restore_batchnorm(bn_snapshot)
+        step.second_pass_loss = perturbed_loss.detach()
+        strategy.after_second_pass(step)
+        if step.is_last_micro_batch:
+            strategy.before_optimizer_step(step)
+            self._sam_micro_batch = 0
+        else:
+            self._sam_micro_batch += 1
         if engine is not None and self.accelerator.sync_gradients:
             engine.step()
 
-        self._sam_log.add(perturbed_loss, result)
+        self._sam_log.add(perturbed_loss, perturbation, step.is_last_micro_batch)
+        if loss is None:  # no first pass: the only loss is the one the parent returned
+            return perturbed_loss
         return self._normalize_like_parent(loss.detach(), num_items_in_batch)
 
-    def _sam_report_skip(self, result: sharpness.PerturbationResult) -> None:
+    def _sam_step(self, first_pass_model: nn.Module, inputs) -> sam_variants.SAMStep:
+        """The context the strategy's hooks see for this micro-batch."""
+        names, params = self._sam_trainable(first_pass_model)
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return sam_variants.SAMStep(
+            args=self.args,
+            global_step=self.state.global_step,
+            micro_batch=self._sam_micro_batch,
+            is_last_micro_batch=bool(self.accelerator.sync_gradients),
+            names=names,
+            params=params,
+            trainable=list(params),
+            world_size=world,
+            zero_stage=self._zero_stage,
+            synced_first_pass=self._sam_sync_gradients(),
+            inputs=inputs,
+            _all_ranks_agree=self._sam_all_ranks_agree,
+            _all_reduce_mean=self._all_reduce_mean,
+            _deepspeed=self.is_deepspeed_enabled,
+        )
+
+    def _sam_report_skip(self, result: sam_variants.Perturbation) -> None:
         """Warn on the first skipped perturbation; later ones (fp16 overflows are common early) at info level."""
         log = logger.warning if self._sam_log.skipped_total == 0 else logger.info
         log(
             "SAM: non-finite first-pass gradient norm (%s) at step %d; taking a plain step for this micro-batch "
             "(skips are counted in the logged `sam_skipped_perturbations`).",
-            float(result.grad_norm),
+            float(result.grad_norm) if result.grad_norm is not None else float("nan"),
             self.state.global_step,
         )
 
@@ -240,6 +303,11 @@ class SAFTTrainerMixin:
 
     def _sam_first_pass(self, model, first_pass_model, params, inputs, num_items_in_batch):
         """Loss and gradient at w, without touching `.grad` or any distributed reduction."""
+        if not params:
+            raise ValueError(
+                "SAM's first pass found no trainable parameter (all have requires_grad=False): unfreeze the "
+                "parameters to train, or set sam_rho=0."
+            )
         no_sync = (
             model.no_sync
             if isinstance(model, nn.parallel.DistributedDataParallel)
@@ -342,6 +410,32 @@ class SAFTTrainerMixin:
             loss = loss / self.current_gradient_accumulation_steps
         return loss
 
+    # ------------------------------------------------------------------ variant state in checkpoints
+    def _sam_state_path(self, checkpoint_dir: str) -> str:
+        return os.path.join(checkpoint_dir, f"sam_variant_state_rank{self.args.process_index}.pt")
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        state = self.sam_strategy.state_dict() if self.sam_enabled else {}
+        if state:  # per rank: a variant's state (a kept direction, a Fisher estimate) may be rank-local
+            os.makedirs(output_dir, exist_ok=True)
+            torch.save({"sam_variant": self.args.sam_variant, "state": state}, self._sam_state_path(output_dir))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or not self.sam_enabled:
+            return
+        path = self._sam_state_path(checkpoint)
+        if not os.path.isfile(path):
+            return
+        saved = torch.load(path, map_location=self.args.device, weights_only=True)
+        if saved.get("sam_variant") != self.args.sam_variant:
+            raise ValueError(
+                f"{path} holds the state of sam_variant={saved.get('sam_variant')!r}, but this run uses "
+                f"sam_variant={self.args.sam_variant!r}: resume with the same variant or start a new run."
+            )
+        self.sam_strategy.load_state_dict(saved["state"])
+
     # ------------------------------------------------------------------ reporting
     def floating_point_ops(self, inputs: dict[str, torch.Tensor | Any]) -> int:
         """SAM runs two forward/backward passes per micro-batch: count both."""
@@ -355,7 +449,7 @@ class SAFTTrainerMixin:
 
     def _sam_log_values(self) -> dict[str, float]:
         acc = self._sam_log
-        steps = max(self.state.global_step - self._sam_last_logged_step, 1)
+        steps = max(acc.optimizer_steps, 1)
         local = torch.tensor(
             [acc.perturbed_loss, acc.perturbation_norm, acc.grad_norm, acc.perturbed_micro_batches],
             dtype=torch.float64,
@@ -370,21 +464,18 @@ class SAFTTrainerMixin:
             "sam_skipped_perturbations": float(acc.skipped_total),
         }
         acc.reset()
-        self._sam_last_logged_step = self.state.global_step
         return values
 
     def create_model_card(self, *args, tags: str | list[str] | None = None, **kwargs) -> None:
-        """The Trainer's model card, tagged `saft` (plus `sam`/`asam`) and citing the SAFT paper."""
+        """The Trainer's model card, tagged `saft` (plus the variant's tags, e.g. `asam`) and citing the SAFT paper."""
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         extra = ["saft"]
         if self.sam_enabled:
-            extra.append("asam" if self.args.sam_adaptive else "sam")
+            extra.extend(self.sam_strategy.model_card_tags)
         tags += [t for t in extra if t not in tags]
         super().create_model_card(*args, tags=tags, **kwargs)
         if not self.is_world_process_zero():
             return
-        import os
-
         path = os.path.join(self.args.output_dir, "README.md")
         with open(path, encoding="utf-8") as handle:
             card = handle.read()

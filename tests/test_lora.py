@@ -63,7 +63,7 @@ def test_saft_perturbs_and_updates_only_adapters(tok, tmp_path):
     args = SAFTSeq2SeqTrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=8, learning_rate=1e-2,
         # sam_eta > 0: with eta = 0 ASAM cannot perturb LoRA's zero-initialised B (T_w = |w| = 0) at step 1
-        sam_rho=0.5, sam_adaptive=True, sam_eta=0.01, report_to="none", save_strategy="no", use_cpu=True, logging_steps=1,
+        sam_rho=0.5, sam_variant="asam", sam_eta=0.01, report_to="none", save_strategy="no", use_cpu=True, logging_steps=1,
     )
     trainer = SAFTSeq2SeqTrainer(model=model, args=args, train_dataset=data,
                                  data_collator=DataCollatorForSeq2Seq(tok, model=model), processing_class=tok)

@@ -126,15 +126,15 @@ def test_arguments_parse_from_command_line_and_yaml(tmp_path):
 
     parser = HfArgumentParser(SAFTTrainingArguments)
     (args,) = parser.parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--sam_rho", "0.05", "--sam_adaptive", "false", "--sam_scope", "weights"]
+        ["--output_dir", str(tmp_path), "--sam_rho", "0.05", "--sam_variant", "sam", "--sam_scope", "weights"]
     )
-    assert (args.sam_rho, args.sam_adaptive, args.sam_scope, args.sam_eta) == (0.05, False, "weights", 0.0)
+    assert (args.sam_rho, args.sam_variant, args.sam_scope, args.sam_eta) == (0.05, "sam", "weights", 0.0)
     config = tmp_path / "c.yaml"
     config.write_text(f"output_dir: {tmp_path}\nsam_eta: 0.01\nsam_sync_perturbation: true\n")
     (args,) = parser.parse_yaml_file(str(config))
     assert args.sam_eta == 0.01 and args.sam_sync_perturbation and args.sam_rho == 0.5
     help_text = parser.format_help()
-    for knob in ("sam_rho", "sam_adaptive", "sam_eta", "sam_scope", "sam_sync_perturbation"):
+    for knob in ("sam_rho", "sam_variant", "sam_adaptive", "sam_eta", "sam_scope", "sam_sync_perturbation"):
         assert knob in help_text
 
 

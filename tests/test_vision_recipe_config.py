@@ -19,7 +19,7 @@ def test_task_config_has_the_papers_recipe(task, tmp_path):
     assert (args.learning_rate, args.weight_decay, args.per_device_train_batch_size) == (1e-5, 0.1, 128)
     assert args.lr_scheduler_type == "cosine" and args.warmup_steps == 500 and args.max_grad_norm == 1.0
     assert args.max_steps == 8000 and args.optim == "adamw_torch"
-    assert args.sam_rho == 0.5 and args.sam_adaptive is True
+    assert args.sam_rho == 0.5 and args.sam_variant == "asam"
     assert args.load_best_model_at_end and args.metric_for_best_model == "accuracy" and args.greater_is_better
     assert args.remove_unused_columns is False
     assert (data_args.validation_fraction, data_args.validation_max, data_args.split_seed) == (0.1, 5000, 0)

@@ -227,7 +227,7 @@ def finetune_one(cfg: StudyConfig, model_path: str, head: ZeroShotHead, td: Task
             lr_scheduler_type="cosine", max_grad_norm=1.0, seed=seed, data_seed=seed, save_strategy="no",
             logging_steps=max(1, cfg.train_steps // 5), report_to="none", use_cpu=True,
             dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
-            sam_rho=rho, sam_adaptive=True)
+            sam_rho=rho, sam_variant="asam")
         trainer = SAFTTrainer(model=model, args=args, train_dataset=demo_model.TrainDataset(td.tokenized["train"]),
                               data_collator=demo_model.PadCollator(pad_id))
         start = time.perf_counter()

@@ -147,7 +147,7 @@ def run_glue_finetuning(model_args: GlueModelArguments, data_args: GlueDataArgum
                 "model": model_args.model_name_or_path,
                 "lora_r": lora_args.lora_r,
                 "sam_rho": getattr(training_args, "sam_rho", 0.0),
-                "sam_adaptive": getattr(training_args, "sam_adaptive", None),
+                "sam_variant": getattr(training_args, "sam_variant", None),
                 "max_eval_samples": data_args.max_eval_samples,
             },
         )

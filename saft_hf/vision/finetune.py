@@ -164,9 +164,9 @@ def run_vision_finetuning(model_args: VisionModelArguments, data_args: VisionDat
         main_process_first=lambda: training_args.main_process_first(desc="zero-shot head"))
     n_train, n_total = count_parameters(model)
     logger.info("task %s: %d classes, %d train / %d validation / %d test; mode %s trains %d of %d parameters "
-                "(%d tensors); sam_rho=%s adaptive=%s", task.name, len(data.class_names), len(data.train),
+                "(%d tensors); sam_rho=%s sam_variant=%s", task.name, len(data.class_names), len(data.train),
                 len(data.validation), len(data.test), model_args.finetuning_mode, n_train, n_total, len(trainable),
-                training_args.sam_rho, training_args.sam_adaptive)
+                training_args.sam_rho, training_args.sam_variant)
 
     trainer = SAFTTrainer(model=model, args=training_args, train_dataset=data.train, eval_dataset=data.validation,
                           data_collator=collate_images, compute_metrics=compute_accuracy)
@@ -182,7 +182,7 @@ def run_vision_finetuning(model_args: VisionModelArguments, data_args: VisionDat
         "ftlo_include_bias": model_args.ftlo_include_bias,
         "base_model": resolve_model_name(model_args.model_name_or_path),
         "sam_rho": training_args.sam_rho,
-        "sam_adaptive": training_args.sam_adaptive,
+        "sam_variant": training_args.sam_variant,
         "global_step": train_result.global_step,
         "train_loss": train_result.training_loss,
         "best_model_checkpoint": trainer.state.best_model_checkpoint,

@@ -102,7 +102,7 @@ def run_merge_study(run_dirs: Sequence[str | Path], output_dir: str | Path, pret
 
     report = {"tasks": tasks, "base_model": base_model, "linearized": linearized,
               "runs": {r["task"]: r["dir"] for r in runs}, "rows": rows, "methods": details,
-              "finetuning": {k: runs[0].get(k) for k in ("finetuning_mode", "sam_rho", "sam_adaptive")}}
+              "finetuning": {k: runs[0].get(k) for k in ("finetuning_mode", "sam_rho", "sam_variant")}}
     table = markdown_table(rows, tasks)
     output_dir = Path(output_dir)
     write_json_atomic(output_dir / "merge_study.json", report)

@@ -72,7 +72,7 @@ def make_trainer(model, rho: float, workdir: str):
 
     args = SAFTTrainingArguments(
         output_dir=workdir, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
-        sam_rho=rho, sam_adaptive=True, per_device_train_batch_size=8,
+        sam_rho=rho, sam_variant="asam", per_device_train_batch_size=8,
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     trainer = SAFTTrainer(model=model, args=args, optimizers=(optimizer, None))

@@ -52,7 +52,7 @@ def _loss(model, params, names, batch):
 def _perturbation(params, names, grads, rho, adaptive, eta, scope):
     scales = []
     for name, p in zip(names, params):
-        if adaptive and (scope == "all" or name.endswith("weight")):
+        if adaptive and (scope == "all" or "weight" in name):  # official ASAM: `"weight" in name`
             scales.append(p.abs() + eta)
         else:
             scales.append(torch.ones_like(p))
@@ -73,12 +73,14 @@ def replay_sam(
     scope: str = "all",
     sync: bool = False,
     clip: float = 0.0,
+    perturbation=None,
 ) -> dict:
     """SGD with SAM/ASAM per micro-batch, gradients averaged over ranks (DDP / ZeRO semantics).
 
     `sync=False`: each rank perturbs from its own micro-batch gradient; `sync=True`: from the
     mean over ranks. `clip` > 0 clips the accumulated gradient to that global norm (as the Trainer's
-    max_grad_norm). Returns the final state dict of the trainable parameters.
+    max_grad_norm). `perturbation(params, names, grads) -> e` replaces SAM/ASAM (for other variants).
+    Returns the final state dict of the trainable parameters.
     """
     model.load_state_dict(init_state)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -98,7 +100,10 @@ def replay_sam(
             mean = [sum(gs[i] for gs in first) / world for i in range(len(params))]
             first = [mean] * world
         for rank in range(world):
-            e = _perturbation(params, names, first[rank], rho, adaptive, eta, scope)
+            if perturbation is None:
+                e = _perturbation(params, names, first[rank], rho, adaptive, eta, scope)
+            else:
+                e = perturbation(params, names, first[rank])
             ps = [(p + ei).requires_grad_(True) for p, ei in zip(params, e)]
             loss = _loss(model, ps, names, batches_per_rank[rank][step])
             grads = torch.autograd.grad(loss, ps, allow_unused=True)

@@ -3,14 +3,18 @@
 Trains TinyClassifier with SAFTTrainer under DDP or DeepSpeed ZeRO-1/2/3, records every
 micro-batch each rank saw, and saves batches (per rank) + initial and final weights (rank 0)
 into OUT/<run name>/. Several runs share one launch (the imports dominate the cost); each run is
-`backend:grad_accum:local|sync`, DDP runs first (DeepSpeed leaves process-wide state behind).
+`backend:grad_accum:local|sync[:sam_variant]` (variant default "asam"), DDP runs first (DeepSpeed
+leaves process-wide state behind). SAFT_TEST_SAM_VARIANT_MODULES (comma-separated module names) are
+imported first, so a variant registered in test code can be named in a run.
 
+    SAFT_TEST_SAM_VARIANT_MODULES=multiproc.toy_sam_variant \
     torchrun --nproc_per_node 2 --master_port P tests/multiproc/train_worker.py \
-        --out DIR --runs ddp:1:local ddp:2:sync zero2:2:local zero3:2:sync
+        --out DIR --runs ddp:1:local ddp:2:sync zero2:2:local zero3:2:sync ddp:2:local:test-signsam
 """
 
 import argparse
 import copy
+import importlib
 import os
 import sys
 
@@ -42,7 +46,7 @@ def deepspeed_config(stage: int) -> dict:
     }
 
 
-def run_one(out: str, backend: str, grad_accum: int, sync: bool, steps: int, rho: float) -> None:
+def run_one(out: str, backend: str, grad_accum: int, sync: bool, steps: int, rho: float, variant: str) -> None:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()  # a fresh accelerator (DDP or DeepSpeed) for every run
@@ -66,7 +70,7 @@ def run_one(out: str, backend: str, grad_accum: int, sync: bool, steps: int, rho
         seed=3,
         disable_tqdm=True,
         sam_rho=rho,
-        sam_adaptive=True,
+        sam_variant=variant,
         sam_sync_perturbation=sync,
         deepspeed=deepspeed_config(int(backend[-1])) if backend.startswith("zero") else None,
     )
@@ -87,8 +91,9 @@ def run_one(out: str, backend: str, grad_accum: int, sync: bool, steps: int, rho
         final = {k: v.detach().clone() for k, v in module.state_dict().items()}
     if rank == 0:
         logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+        strategy = {"class": type(trainer.sam_strategy).__name__, "state": trainer.sam_strategy.state_dict()}
         torch.save(
-            {"init": init, "final": final, "logs": logs, "world": trainer.args.world_size},
+            {"init": init, "final": final, "logs": logs, "world": trainer.args.world_size, "strategy": strategy},
             os.path.join(out, "result.pt"),
         )
     torch.distributed.barrier()
@@ -97,14 +102,17 @@ def run_one(out: str, backend: str, grad_accum: int, sync: bool, steps: int, rho
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--runs", nargs="+", required=True, help="backend:grad_accum:local|sync ...")
+    parser.add_argument("--runs", nargs="+", required=True, help="backend:grad_accum:local|sync[:variant] ...")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rho", type=float, default=0.5)
     cli = parser.parse_args()
+    for module in filter(None, os.environ.get("SAFT_TEST_SAM_VARIANT_MODULES", "").split(",")):
+        importlib.import_module(module.strip())  # registers its variants
     for spec in cli.runs:
-        backend, grad_accum, mode = spec.split(":")
-        assert backend in ("ddp", "zero1", "zero2", "zero3") and mode in ("local", "sync"), spec
-        run_one(os.path.join(cli.out, spec.replace(":", "_")), backend, int(grad_accum), mode == "sync", cli.steps, cli.rho)
+        backend, grad_accum, mode, *variant = spec.split(":")
+        assert backend in ("ddp", "zero1", "zero2", "zero3") and mode in ("local", "sync") and len(variant) <= 1, spec
+        run_one(os.path.join(cli.out, spec.replace(":", "_")), backend, int(grad_accum), mode == "sync", cli.steps,
+                cli.rho, variant[0] if variant else "asam")
 
 
 if __name__ == "__main__":
