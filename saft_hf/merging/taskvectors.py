@@ -226,25 +226,112 @@ def check_dare_args(drop_rate: float, rescale) -> str:
     return rescale
 
 
-class DareTaskVector(TaskVector):
-    def __init__(self, inner: TaskVector, drop_rate: float, seed: int = 0, rescale="inverse"):
-        self.rescale = check_dare_args(drop_rate, rescale)
-        self.inner, self.drop_rate, self.seed = inner, drop_rate, seed
-        self.base_source = None  # set by check(); needed to rebuild whole tensors for row blocks
+class TransformedTaskVector(TaskVector):
+    """A task vector with a registered transform (DARE, ...) applied tensor by tensor.
+
+    The transform sees the whole tensor (so a random mask does not depend on how the merge
+    splits it into row blocks); row blocks then take their slice of the cached result.
+    """
+
+    def __init__(self, inner: TaskVector, transform, params: dict, task_index: int, base_source=None):
+        self.inner, self.transform, self.params, self.task_index = inner, transform, dict(params), task_index
+        self.base_source = base_source  # set by check(); needed to rebuild whole tensors for row blocks
         self.name = inner.name
-        self.description = f"{inner.description} with DARE(p={drop_rate}, seed={seed}, rescale={self.rescale})"
+        shown = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        self.description = f"{inner.description} with {transform.label}({shown})"
+        self._full_cache = None
+
+    def _apply(self, key, full_delta):
+        return self.transform.apply(full_delta, key, self.task_index, self.params)
 
     def get(self, key, base, rows=None):
-        # The random mask is drawn for the whole tensor (so it does not depend on how the merge
-        # splits it into row blocks); row blocks then take their slice.
         if rows is None:
-            return dare_tensor(self.inner.get(key, base), self.drop_rate, self.seed, key, self.rescale)
-        self._full_cache = getattr(self, "_full_cache", None)
+            return self._apply(key, self.inner.get(key, base))
         if self._full_cache is None or self._full_cache[0] != key:
+            self._full_cache = None  # drop the previous tensor first
             full_base = self.base_source.get(key)
-            self._full_cache = (key, dare_tensor(self.inner.get(key, full_base), self.drop_rate, self.seed, key, self.rescale))
+            self._full_cache = (key, self._apply(key, self.inner.get(key, full_base)))
         return self._full_cache[1][rows[0]:rows[1]]
 
     def check(self, keys, base):
         self.base_source = base
         return self.inner.check(keys, base)
+
+
+class NonFiniteError(CheckpointError):
+    """NaN or Inf in a checkpoint (the message names the model and the tensor)."""
+
+
+class FiniteCheckedTaskVector(TaskVector):
+    """Refuses a task vector tensor holding NaN or Inf, naming the model and the key: merging
+    would copy them into every output weight they touch (or, in TIES, make signs meaningless)."""
+
+    def __init__(self, inner: TaskVector):
+        self.inner = inner
+        self.name = inner.name
+        self.description = inner.description
+
+    def _check(self, key, t):
+        if not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(
+                f"fine-tuned model {self.name}: tensor {key!r} holds non-finite values (NaN or Inf) after "
+                "subtracting the pretrained weights; fix or re-export that checkpoint "
+                "(or pass allow_nonfinite: true to merge anyway)")
+        return t
+
+    def get(self, key, base, rows=None):
+        return self._check(key, self.inner.get(key, base, rows))
+
+    def get_into(self, out, key, base, rows=None):
+        self.inner.get_into(out, key, base, rows)
+        self._check(key, out)
+
+    def check(self, keys, base):
+        return self.inner.check(keys, base)
+
+
+class FiniteCheckedSource(TensorSource):
+    """The pretrained model's source, refusing float tensors with NaN or Inf (naming the key)."""
+
+    def __init__(self, inner: TensorSource):
+        self.inner = inner
+        self.name, self.fresh_tensors, self.directory = inner.name, inner.fresh_tensors, inner.directory
+
+    def _check(self, key, t):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"pretrained model {self.name}: tensor {key!r} holds non-finite values (NaN or Inf); "
+                                 "fix the checkpoint (or pass allow_nonfinite: true to merge anyway)")
+        return t
+
+    def keys(self):
+        return self.inner.keys()
+
+    def info(self, key):
+        return self.inner.info(key)
+
+    def get(self, key):
+        return self._check(key, self.inner.get(key))
+
+    def get_rows(self, key, start, stop):
+        return self._check(key, self.inner.get_rows(key, start, stop))
+
+    def read_into(self, key, out, rows=None):
+        self.inner.read_into(key, out, rows)
+        self._check(key, out)
+
+    def storage_groups(self):
+        return self.inner.storage_groups()
+
+    def close(self):
+        self.inner.close()
+
+
+def prepare_task_vectors(tasks: list[TaskVector], base: TensorSource, transforms=(), allow_nonfinite: bool = False):
+    """(base, tasks) ready for the engine: finiteness checks (unless allowed), then the
+    transforms [(Transform, params), ...] in the given order, each task with its index."""
+    if not allow_nonfinite:
+        base = FiniteCheckedSource(base)
+        tasks = [FiniteCheckedTaskVector(tv) for tv in tasks]
+    for transform, params in transforms:
+        tasks = [TransformedTaskVector(tv, transform, params, i, base) for i, tv in enumerate(tasks)]
+    return base, tasks
