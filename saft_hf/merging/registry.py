@@ -113,6 +113,7 @@ class MergeMethod:
     model is then the reference). takes_task_vectors: transforms (DARE) may be put in front.
     in_study: listed (in `order`) by the studies (demo, vision, GLUE) by default.
     fixed_ablation: params of an extra study row with this method at fixed values (paper table 6).
+    coefficient(params, num_tasks): the number a study shows in its `coef` column.
     """
 
     name: str
@@ -131,6 +132,7 @@ class MergeMethod:
     in_study: bool = False
     fixed_ablation: Mapping | None = None
     order: int = 100
+    coefficient: Callable[[dict, int], Any] | None = None  # the `coef` a study reports; default: linear_param's value
 
     def __post_init__(self):
         self.params = tuple(self.params)
@@ -459,6 +461,14 @@ def study_rows(methods: Sequence[str] | None = None, fixed_overrides: Mapping[st
             rows.append(StudyRow(f"{name}_fixed", name, False, dict(fixed), flabel, _plot_label(flabel),
                                  f"{m.short_label} fix"))
     return rows
+
+
+def report_coefficient(name: str, params: Mapping, num_tasks: int):
+    """The `coef` a study reports for method `name` at resolved `params` (None if it has none)."""
+    m = get_method(name)
+    if m.coefficient is not None:
+        return m.coefficient(dict(params), num_tasks)
+    return params.get(m.linear_param) if m.linear_param else None
 
 
 def describe(width: int = 100) -> str:

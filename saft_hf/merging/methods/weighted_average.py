@@ -45,4 +45,5 @@ register_method(MergeMethod(
     takes_task_vectors=False,
     in_study=True,
     order=10,
+    coefficient=lambda params, n: params["weights"] if "weights" in params else 1.0 / n,
 ))
