@@ -116,7 +116,7 @@ def run_method(method: MergeMethod, params: dict, base: TensorSource, tasks: Seq
 
     for key in _bar(plan.keys, desc or method.label, progress):
         ctx.key, ctx.key_state = key, {}
-        for rows in pieces(base.info(key)[0]):
+        for rows in ([None] if method.whole_tensors else pieces(base.info(key)[0])):
             block(key, rows)
     if method.after_pass is not None:
         method.after_pass(ctx)

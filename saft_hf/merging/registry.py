@@ -114,6 +114,8 @@ class MergeMethod:
     in_study: listed (in `order`) by the studies (demo, vision, GLUE) by default.
     fixed_ablation: params of an extra study row with this method at fixed values (paper table 6).
     coefficient(params, num_tasks): the number a study shows in its `coef` column.
+    whole_tensors: the kernel always gets whole tensors (methods that need an SVD of each matrix);
+    otherwise tensors above engine.PIECE_ELEMENTS entries arrive in row blocks.
     """
 
     name: str
@@ -133,6 +135,7 @@ class MergeMethod:
     fixed_ablation: Mapping | None = None
     order: int = 100
     coefficient: Callable[[dict, int], Any] | None = None  # the `coef` a study reports; default: linear_param's value
+    whole_tensors: bool = False  # kernel needs whole matrices (SVD methods): no row blocks
 
     def __post_init__(self):
         self.params = tuple(self.params)
