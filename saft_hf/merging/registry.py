@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 KINDS = ("float", "int", "bool", "choice", "per_task_float")
-_MISSING = object()
 
 
 class ParamError(ValueError):
