@@ -16,6 +16,8 @@ from pathlib import Path
 
 from saft_hf.glue.finetune import read_finetuned_score
 from saft_hf.glue.search import search_glue_merge
+from saft_hf.merging import registry
+from saft_hf.merging.search import default_grid
 from saft_hf.tasks.glue import GLUE_HUB_DATASET, GLUE_TASKS, PAPER_TASKS, SCORE_KINDS
 
 
@@ -25,8 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--finetuned_root", required=True, help="FINETUNED_ROOT/<task> = one fine-tuned run per task")
     p.add_argument("--tasks", nargs="+", default=list(PAPER_TASKS), choices=sorted(GLUE_TASKS))
     p.add_argument("--output", required=True, help="output directory for the merged model")
-    p.add_argument("--method", default="task_arithmetic",
-                   choices=["task_arithmetic", "ties", "dare_task_arithmetic", "dare_ties"])
+    p.add_argument("--method", default="task_arithmetic", choices=registry.search_names(),
+                   help="a registered merge method, or a DARE alias (dare_task_arithmetic, dare_ties)")
     p.add_argument("--alphas", nargs="+", type=float, default=None, help="scaling grid (default: paper's 0.1 .. 1.0)")
     p.add_argument("--densities", nargs="+", type=float, default=None, help="TIES density grid (default 0.3 0.2 0.1)")
     p.add_argument("--drop_rates", nargs="+", type=float, default=None, help="DARE grid (default 0.1 .. 0.9)")
@@ -47,8 +49,9 @@ def main(argv=None) -> int:
     root = Path(args.finetuned_root)
     finetuned = {t: str(root / t) for t in args.tasks}
     scores = {t: read_finetuned_score(root / t, t) for t in args.tasks}
+    searched = default_grid(args.method)  # the grid flags apply to the parameters this method searches
     grid = {k: v for k, v in (("scaling", args.alphas), ("density", args.densities), ("drop_rate", args.drop_rates))
-            if v is not None and (k != "density" or "ties" in args.method) and (k != "drop_rate" or "dare" in args.method)}
+            if v is not None and k in searched}
     data_paths = {t: str(Path(args.data_root) / t) for t in args.tasks} if args.data_root else None
     result = search_glue_merge(args.pretrained, finetuned, args.output, method=args.method, grid=grid or None,
                                finetuned_scores=scores, data_paths=data_paths, max_samples=args.max_samples,

@@ -8,18 +8,24 @@ from pathlib import Path
 from saft_hf.io_utils import atomic_path, write_json_atomic, write_text_atomic
 
 METHOD_LABELS = {"adamw": "AdamW", "asam": "ASAM"}
-ROW_LABELS = {
-    "individual": "fine-tuned individually",
-    "weighted_average": "weighted average",
-    "task_arithmetic": "task arithmetic (alpha searched)",
-    "task_arithmetic_fixed": "task arithmetic (alpha fixed)",
-    "ties": "TIES (lambda searched)",
-}
-PLOT_LABELS = {"individual": "fine-tuned\nindividually", "weighted_average": "weighted\naverage",
-               "task_arithmetic": "task arithmetic\n(alpha searched)", "task_arithmetic_fixed": "task arithmetic\n(alpha fixed)",
-               "ties": "TIES\n(lambda searched)"}
-SHORT_LABELS = {"individual": "indiv.", "weighted_average": "WA", "task_arithmetic": "TA",
-                "task_arithmetic_fixed": "TA fix", "ties": "TIES"}
+_INDIVIDUAL = {"row": "fine-tuned individually", "plot": "fine-tuned\nindividually", "short": "indiv."}
+
+
+def _labels(kind: str) -> dict:
+    """Row / plot / short labels of a result kind: "individual" or a merge-study row of the registry."""
+    from saft_hf.merging import registry
+
+    if kind == "individual":
+        return _INDIVIDUAL
+    for row in registry.study_rows():
+        if row.key == kind:
+            return {"row": row.label, "plot": row.plot_label, "short": row.short_label, "study_row": row}
+    return {"row": kind, "plot": kind, "short": kind}  # a row of a method no longer registered
+
+
+def _kinds(rows: dict) -> list[str]:
+    """Result kinds present in the summary, in their first-seen order (individual, then merges)."""
+    return list(dict.fromkeys(r["kind"] for r in rows.values() if r.get("kind") not in (None, "zero_shot")))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -46,13 +52,16 @@ def aggregate(study: dict) -> dict:
     runs = list(study["runs"].values())
     methods = list(runs[0]["methods"]) if runs else []
     rows = {"zero-shot (pretrained)": {**study["zero_shot"], "kind": "zero_shot", "method": None, "n_seeds": 1}}
-    for kind in ROW_LABELS:
+    kinds = ["individual", *(runs[0]["methods"][methods[0]]["merges"] if methods else [])]
+    for kind in kinds:
         for method in methods:
             per_seed = [r["methods"][method]["individual"] if kind == "individual"
                         else r["methods"][method]["merges"][kind] for r in runs]
-            label = ROW_LABELS[kind]
-            if kind == "task_arithmetic_fixed":
-                label = f"task arithmetic (alpha = {per_seed[0]['coefficient']:g})"
+            labels = _labels(kind)
+            label = labels["row"]
+            row = labels.get("study_row")
+            if row is not None and row.fixed and "coefficient" in per_seed[0]:  # the fixed ablation: show its value
+                label = label.replace(" fixed)", f" = {per_seed[0]['coefficient']:g})")
             rows[f"{label} / {METHOD_LABELS.get(method, method)}"] = _combine(per_seed, method, kind)
     return rows
 
@@ -126,7 +135,7 @@ def plot(study: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = study["summary"]
-    kinds = [k for k in ROW_LABELS if any(r.get("kind") == k for r in rows.values())]
+    kinds = _kinds(rows)
     methods = [m for m in METHOD_LABELS if any(r.get("method") == m for r in rows.values())]
     zero = rows["zero-shot (pretrained)"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -147,7 +156,7 @@ def plot(study: dict, path: Path) -> None:
             ax.axhline(100 * zero["absolute_mean"], color="#2c3e50", ls="--", lw=1,
                        label=f"zero-shot ({100 * zero['absolute_mean']:.1f})")
         ax.set_xticks(range(len(kinds)))
-        ax.set_xticklabels([PLOT_LABELS[k] for k in kinds], fontsize=8)
+        ax.set_xticklabels([_labels(k)["plot"] for k in kinds], fontsize=8)
         ax.set_title(title)
         lo = min(b.get_height() for b in ax.patches) if ax.patches else 0
         ax.set_ylim(max(0, lo - 15), 112)
@@ -167,7 +176,7 @@ def plot_per_task(study: dict, path: Path) -> None:
 
     rows = study["summary"]
     tasks = rows["zero-shot (pretrained)"]["tasks"]
-    kinds = [k for k in ROW_LABELS if any(r.get("kind") == k for r in rows.values())]
+    kinds = _kinds(rows)
     methods = [m for m in METHOD_LABELS if any(r.get("method") == m for r in rows.values())]
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.6), sharey=True, squeeze=False)
     width = 0.8 / max(1, len(methods))
@@ -180,7 +189,7 @@ def plot_per_task(study: dict, path: Path) -> None:
         ax.axhline(100 * rows["zero-shot (pretrained)"]["absolute"][task], color="#2c3e50", ls="--", lw=1)
         ax.set_title(task, fontsize=9)
         ax.set_xticks(range(len(kinds)))
-        ax.set_xticklabels([SHORT_LABELS[k] for k in kinds], fontsize=7)
+        ax.set_xticklabels([_labels(k)["short"] for k in kinds], fontsize=7)
     axes[0][0].set_ylabel("test accuracy (%)")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()

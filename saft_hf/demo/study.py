@@ -34,7 +34,26 @@ from saft_hf.io_utils import atomic_directory, write_json_atomic
 from saft_hf.tasks.text_demo import DEFAULT_TASKS, TextTask, get_task
 
 METHODS = {"adamw": 0.0, "asam": None}  # sam_rho per method; None = the config's asam_rho
-MERGES = ("weighted_average", "task_arithmetic", "task_arithmetic_fixed", "ties")
+
+
+def merge_rows(cfg: "StudyConfig | None" = None) -> list:
+    """The merge rows of the study, from the merging registry (every study method, searched if it
+    has a grid, plus its fixed-coefficient ablation at `cfg.fixed_alpha`)."""
+    from saft_hf.merging import registry
+
+    fixed = {}
+    if cfg is not None:
+        for name in registry.method_names(study_only=True):
+            m = registry.get_method(name)
+            if m.fixed_ablation and m.linear_param:
+                fixed[name] = {**m.fixed_ablation, m.linear_param: cfg.fixed_alpha}
+    return registry.study_rows(fixed_overrides=fixed)
+
+
+def __getattr__(name: str):
+    if name == "MERGES":  # read from the registry on each access (methods can be registered later)
+        return tuple(r.key for r in merge_rows())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -56,7 +75,7 @@ class StudyConfig:
     max_test: int | None = 400
     search_val_size: int = 128  # validation examples per task for the merge coefficient search
     ta_grid: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
-    fixed_alpha: float = 0.4
+    fixed_alpha: float = 0.4  # the fixed-coefficient ablation row (paper table 6)
     ties_grid: Sequence[float] = (0.3, 0.5, 0.7, 0.9, 1.0)
     ties_density: float = 0.2
     eval_batch_size: int = 128
@@ -301,21 +320,26 @@ def _mean(values) -> float:
     return sum(values) / len(values)
 
 
-def _search(merging, theta0, taus, evaluator: Evaluator, method: str, grid: dict) -> tuple[float, dict]:
+def _search(merging, theta0, taus, evaluator: Evaluator, method: str, grid: dict | None):
     """saft_hf.merging's coefficient search scored by mean validation accuracy over tasks (on the
     fixed validation subsets; test data never enters the choice)."""
     def evaluate(state_dict):
         evaluator.load(state_dict)
         return evaluator.accuracy("search")
 
-    result = merging.search_coefficients(theta0, taus, evaluate, method=method, grid=grid)
-    scores = {p.params["scaling"]: p.score for p in result.points}
-    return float(result.best.params["scaling"]), scores
+    return merging.search_coefficients(theta0, taus, evaluate, method=method, grid=grid)
+
+
+def _grid(cfg: StudyConfig, method: str) -> dict | None:
+    """The demo's own (smaller) grids for the paper's methods; registry defaults for the others."""
+    return {"task_arithmetic": {"scaling": list(cfg.ta_grid)},
+            "ties": {"scaling": list(cfg.ties_grid), "density": [cfg.ties_density]}}.get(method)
 
 
 def merge_and_evaluate(cfg: StudyConfig, theta0: dict, finetuned: dict[str, dict], evaluator: Evaluator,
                        individual: dict[str, float], label: str) -> dict:
-    """All merges of one method's fine-tuned encoders (one seed): coefficients, test accuracies."""
+    """All merges of one method's fine-tuned encoders (one seed): coefficients, test accuracies.
+    One result per row of `merge_rows(cfg)`, in order."""
     from saft_hf import merging
 
     names = list(finetuned)
@@ -326,20 +350,34 @@ def merge_and_evaluate(cfg: StudyConfig, theta0: dict, finetuned: dict[str, dict
         evaluator.load(state_dict)
         acc = evaluator.accuracy("test", desc=f"test {key} ({label})")
         results[key] = {**summarize(acc, individual), **extra}
+        coef = extra.get("coefficient")
         log(f"{label} {key}: avg abs {100 * results[key]['absolute_mean']:.2f}, "
-            f"avg norm {100 * results[key]['normalized_mean']:.2f}, coefficient {extra['coefficient']:g}")
+            f"avg norm {100 * results[key]['normalized_mean']:.2f}, coefficient "
+            + (f"{coef:g}" if isinstance(coef, (int, float)) else str(coef)))
 
-    finish("weighted_average", merging.weighted_average([finetuned[n] for n in names]),
-           {"coefficient": 1.0 / len(names)})
-    best, scores = _search(merging, theta0, taus, evaluator, "task_arithmetic", {"scaling": list(cfg.ta_grid)})
-    finish("task_arithmetic", merging.task_arithmetic(theta0, taus, best),
-           {"coefficient": best, "validation_search": scores})
-    finish("task_arithmetic_fixed", merging.task_arithmetic(theta0, taus, cfg.fixed_alpha),
-           {"coefficient": cfg.fixed_alpha})
-    best, scores = _search(merging, theta0, taus, evaluator, "ties",
-                           {"scaling": list(cfg.ties_grid), "density": [cfg.ties_density]})
-    finish("ties", merging.ties_merging(theta0, taus, scaling=best, density=cfg.ties_density),
-           {"coefficient": best, "density": cfg.ties_density, "validation_search": scores})
+    def merged(method, params, transforms=None):
+        if not merging.registry.get_method(method).needs_pretrained:
+            return merging.merge_finetuned(method, theta0, [finetuned[n] for n in names], transforms, **params)
+        return merging.merge(method, theta0, taus, transforms, **params)
+
+    for row in merge_rows(cfg):
+        m = merging.registry.get_method(row.method)
+        if row.search:
+            result = _search(merging, theta0, taus, evaluator, row.method, _grid(cfg, row.method))
+            best = result.best_merge_config()
+            varying = [k for k in result.best.params if len({str(p.params[k]) for p in result.points}) > 1]
+            extra = {"coefficient": merging.registry.report_coefficient(row.method, best["params"], len(names))}
+            extra.update({k: v for k, v in result.best.params.items() if k != m.linear_param})
+            if varying == [m.linear_param]:
+                extra["validation_search"] = {p.params[m.linear_param]: p.score for p in result.points}
+            else:
+                extra["validation_search"] = {", ".join(f"{k}={v}" for k, v in p.params.items()): p.score
+                                              for p in result.points}
+            finish(row.key, merged(row.method, best["params"], best["transforms"]), extra)
+        else:
+            params = merging.registry.validate_params(row.method, row.fixed, num_tasks=len(names))
+            coef = merging.registry.report_coefficient(row.method, params, len(names))
+            finish(row.key, merged(row.method, dict(row.fixed)), {"coefficient": coef})
     return results
 
 

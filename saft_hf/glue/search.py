@@ -14,8 +14,6 @@ from typing import Mapping
 from saft_hf.tasks.glue import get_task
 
 SEARCH_FILE = "search.json"
-_MERGE_METHOD = {"task_arithmetic": ("task_arithmetic", False), "ties": ("ties", False),
-                 "dare_task_arithmetic": ("task_arithmetic", True), "dare_ties": ("ties", True)}
 
 
 def task_vector_for(path: str | os.PathLike, name: str):
@@ -49,10 +47,10 @@ def search_glue_merge(
 
     from saft_hf.glue.predict import make_glue_evaluator
     from saft_hf.io_utils import write_json_atomic
-    from saft_hf.merging import merge_models, open_source, search_coefficients
+    from saft_hf.merging import merge_models, open_source, registry, search_coefficients
 
-    if method not in _MERGE_METHOD:
-        raise ValueError(f"method must be one of {sorted(_MERGE_METHOD)}, got {method!r}")
+    if method not in registry.search_names():
+        raise ValueError(f"method must be one of {registry.search_names()}, got {method!r}")
     tasks = [get_task(t).name for t in finetuned]
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
@@ -67,11 +65,8 @@ def search_glue_merge(
     result = search_coefficients(pretrained_state, list(vectors.values()), evaluator, method=method, grid=grid,
                                  finetuned_accuracy=finetuned_scores)
     best = dict(result.best.params)
-    merge_method, with_dare = _MERGE_METHOD[method]
     config = {"pretrained": str(pretrained), "models": [{"name": t, "path": str(finetuned[t])} for t in finetuned],
-              "method": merge_method, "params": {k: v for k, v in best.items() if k != "drop_rate"}}
-    if with_dare:
-        config["dare"] = {"drop_rate": best["drop_rate"]}
+              **result.best_merge_config()}
     merge_report = merge_models(config, output_dir, overwrite=overwrite, progress=False)
     record = {"search": result.to_dict(), "best_params": best, "merge_config": config,
               "max_samples": max_samples, "tasks": tasks}

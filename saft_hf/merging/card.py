@@ -4,6 +4,28 @@ from __future__ import annotations
 
 import yaml
 
+from . import registry
+
+# keys of the merge report that are not a method's own statistics
+_REPORT_KEYS = {"method", "params", "transforms", "notes", "shards", "copied_files", "merged_tensors",
+                "copied_buffers", "tied_aliases", "total_bytes"}
+
+
+def _method_lines(config: dict, stats: dict) -> list[str]:
+    """Method and transforms with every declared parameter (from the registry), defaults marked."""
+    method = registry.get_method(config["method"])
+    given = config.get("params") or {}
+    resolved = stats.get("params") or registry.validate_params(config["method"], given)
+    lines = [f"- Method: `{method.name}` ({method.description})", "- Parameters:"]
+    for p in method.params:
+        if p.name in resolved:
+            mark = "" if p.name in given else " (default)"
+            lines.append(f"  - `{p.name}`: `{resolved[p.name]}`{mark} - {p.help}")
+    for t in stats.get("transforms") or []:
+        shown = ", ".join(f"{k}={v}" for k, v in t.items() if k != "name")
+        lines.append(f"- Transform before merging: `{t['name']}` ({shown})")
+    return lines
+
 
 def model_card(config: dict, notes: list[str], stats: dict | None = None) -> str:
     models = [m["path"] for m in config["models"]]
@@ -16,12 +38,9 @@ def model_card(config: dict, notes: list[str], stats: dict | None = None) -> str
         lines += [f"- Pretrained model: `{config['pretrained']}`"]
     lines += ["- Fine-tuned models (task vector = fine-tuned - pretrained):"]
     lines += [f"  - `{m.get('name', m['path'])}`: `{m['path']}`" for m in config["models"]]
-    lines += [f"- Method: `{config['method']}`", "- Parameters:"]
-    lines += [f"  - `{k}`: `{v}`" for k, v in (config.get("params") or {}).items()] or ["  - (defaults)"]
-    if config.get("dare"):
-        lines += [f"- DARE before merging: `{config['dare']}`"]
+    lines += _method_lines(config, stats or {})
     if stats:
-        extra = {k: v for k, v in stats.items() if k in ("thresholds", "majority_sign", "deferred_keys") and v is not None}
+        extra = {k: v for k, v in stats.items() if k not in _REPORT_KEYS and v is not None}
         if extra:
             lines += ["- Merge statistics:"] + [f"  - `{k}`: `{v}`" for k, v in extra.items()]
     if notes:

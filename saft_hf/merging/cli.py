@@ -15,15 +15,20 @@ example config (recipes/merge_examples/ties_vit_b32.yaml):
   models:                                     # fine-tuned checkpoints: HF dirs, .safetensors/.bin
     - {name: cars, path: checkpoints/cars}     # files, sharded or not, or PEFT LoRA adapter dirs
     - {name: dtd,  path: checkpoints/dtd}
-  method: ties              # weighted_average | task_arithmetic | ties
+  method: ties              # any registered method (listed below)
   params:                   # optional; defaults reproduce the TIES / SAFT papers
     scaling: 0.3            # lambda (task_arithmetic: one alpha, or a list with one per model)
     density: 0.2            # keep the top 20% magnitudes of each task vector (mask rate 0.8)
     trim_scope: global      # global (whole model, paper) | per_tensor (PEFT / mergekit)
     sign_method: sum        # sum (sign of summed values, paper) | count (majority of signs)
     disjoint: mean          # mean of agreeing entries (paper) | sum (FusionBench)
-  dare: {drop_rate: 0.5, seed: 0, rescale: true}   # optional, in front of task_arithmetic / ties
+  transforms: [{name: dare, drop_rate: 0.5, seed: 0}]   # optional, in front of the method
   max_shard_size: 2GB
+  allow_nonfinite: false    # true: merge even if a checkpoint holds NaN/Inf (refused by default)
+
+Numbers and booleans are checked strictly: write `scaling: 0.4`, not `scaling: "0.4"`;
+`normalize: false`, not `normalize: "no"`. `dare: {drop_rate: 0.5}` is accepted as an alias of
+one DARE transform.
 
 The output directory is an HF model (sharded safetensors + index, the base model's config and
 tokenizer files), with merge_config.yaml, merge_report.json and a README.md model card. It is
@@ -34,10 +39,13 @@ saft_hf.merging.search_coefficients(pretrained, task_vectors, evaluate, method="
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .registry import describe, method_names, transform_names
+
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.description = ("Merge fine-tuned checkpoints of one pretrained model (weighted average, task arithmetic, "
-                          "TIES, DARE) tensor by tensor, without loading all models at once.")
-    parser.epilog = EPILOG
+    parser.description = (f"Merge fine-tuned checkpoints of one pretrained model ({', '.join(method_names())}; "
+                          f"transforms: {', '.join(transform_names())}) tensor by tensor, without loading all "
+                          "models at once.")
+    parser.epilog = EPILOG + "\n" + describe() + "\n"
     parser.add_argument("config", help="YAML merge config (see the example below)")
     parser.add_argument("--output", "-o", required=True, help="output directory for the merged model")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (only after the new one is complete)")

@@ -4,60 +4,60 @@ temporary directory and renamed only when complete."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..io_utils import atomic_directory, write_json_atomic
+from ..io_utils import atomic_directory, write_text_atomic
+from . import registry
 from .card import model_card
-from .engine import check_ties_args, linear_merge, per_task, ties_merge
-from .io import ShardedSafetensorsSink, is_lora_adapter, open_source
+from .engine import run_method
+from .io import ShardedSafetensorsSink, is_lora_adapter, open_source, parse_size
 from .outputs import check_merge_output, copy_model_files, model_files_source
 from .plan import build_plan, check_extra_keys
-from .taskvectors import CheckpointTaskVector, DareTaskVector, LoraTaskVector, check_dare_args
+from .registry import ParamError
+from .taskvectors import CheckpointTaskVector, LoraTaskVector, prepare_task_vectors
 
 logger = logging.getLogger(__name__)
 
-METHODS = {
-    "weighted_average": {"weights": None, "normalize": True},
-    "task_arithmetic": {"scaling": 0.4},
-    "ties": {"scaling": 1.0, "density": 0.2, "trim_scope": "global", "sign_method": "sum", "disjoint": "mean",
-             "zero_sign": "majority"},
-}
-DARE_KEYS = {"drop_rate", "seed", "rescale"}
+
+
+def _what(value) -> str:
+    return f"the string {value!r}" if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
 
 
 @dataclasses.dataclass
 class MergeConfig:
     """What to merge. `models`: list of {path, name?} (HF dirs, .safetensors/.bin files, or PEFT
-    LoRA adapter dirs). `pretrained` may be omitted only for weighted_average."""
+    LoRA adapter dirs). `method`: any registered method (`saft-hf merge --help` lists them);
+    `params`: its parameters, checked against the registry. `transforms`: task-vector transforms
+    in front of the method, e.g. [{name: dare, drop_rate: 0.5, seed: 0}] (`dare: {...}` is an
+    alias of one DARE transform). `pretrained` may be omitted only for methods that do not need
+    it (weighted_average). `allow_nonfinite`: merge even if a checkpoint holds NaN/Inf."""
 
     models: list[dict]
     method: str = "task_arithmetic"
     pretrained: str | None = None
     params: dict = dataclasses.field(default_factory=dict)
+    transforms: list = dataclasses.field(default_factory=list)
     dare: dict | None = None
     max_shard_size: str = "2GB"
     config: str | None = None  # where config.json/tokenizer come from if not beside `pretrained` (outputs.py)
+    allow_nonfinite: bool = False
 
     @classmethod
     def from_dict(cls, raw: dict) -> "MergeConfig":
         if not isinstance(raw, dict):
             raise ValueError("merge config must be a mapping with keys pretrained, models, method, params")
-        allowed = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(raw) - allowed
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = set(raw) - set(allowed)
         if unknown:
-            raise ValueError(f"unknown merge config key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
-        if "models" not in raw or not raw["models"]:
-            raise ValueError("merge config needs `models:` - a list of fine-tuned checkpoints (paths or {path, name})")
-        models = [m if isinstance(m, dict) else {"path": str(m)} for m in raw["models"]]
-        for i, m in enumerate(models):
-            if "path" not in m:
-                raise ValueError(f"models[{i}] has no `path`")
-            m.setdefault("name", Path(str(m["path"])).name)
-        cfg = cls(**{**raw, "models": models})
+            raise ValueError(f"unknown merge config key(s) {sorted(map(str, unknown))}; allowed: {sorted(allowed)}")
+        cfg = cls(**{**raw, "models": raw.get("models")})
         cfg.validate()
         return cfg
 
@@ -69,30 +69,83 @@ class MergeConfig:
             raise FileNotFoundError(f"merge config {path} not found") from None
         return cls.from_dict(raw)
 
+    def _check_models(self) -> None:
+        models = self.models
+        if not models:
+            raise ValueError("merge config needs `models:` - a list of fine-tuned checkpoints (paths or {path, name})")
+        if not isinstance(models, (list, tuple)):
+            raise ValueError(f"`models:` must be a list of fine-tuned checkpoints (paths or {{path, name}}), got "
+                             f"{_what(models)}; write one `- path` per line")
+        out = []
+        for i, m in enumerate(models):
+            m = {"path": m} if isinstance(m, (str, Path)) else m
+            if not isinstance(m, dict):
+                raise ValueError(f"models[{i}] must be a path or a mapping {{path, name}}, got {_what(m)}")
+            bad = set(m) - {"path", "name"}
+            if bad:
+                raise ValueError(f"models[{i}] has unknown key(s) {sorted(map(str, bad))}; allowed: name, path")
+            if "path" not in m:
+                raise ValueError(f"models[{i}] has no `path`")
+            if not isinstance(m["path"], (str, Path)):
+                raise ValueError(f"models[{i}].path must be one path, got {_what(m['path'])}")
+            name = m.get("name", Path(str(m["path"])).name)
+            if not isinstance(name, (str, int)):
+                raise ValueError(f"models[{i}].name must be a string, got {_what(name)}")
+            out.append({"path": str(m["path"]), "name": str(name)})
+        self.models = out
+
+    def transform_specs(self) -> list[tuple[str, dict]]:
+        """[(transform name, resolved params)] in order; `dare:` first (alias)."""
+        items = []
+        if self.dare is not None:
+            if not isinstance(self.dare, dict):
+                raise ParamError(f"`dare:` must be a mapping like {{drop_rate: 0.5, seed: 0}}, got {_what(self.dare)}")
+            items.append({"name": "dare", **self.dare})
+        transforms = self.transforms if self.transforms is not None else []
+        if not isinstance(transforms, (list, tuple)):
+            raise ParamError(f"`transforms:` must be a list like [{{name: dare, drop_rate: 0.5}}], got {_what(transforms)}")
+        items += list(transforms)
+        specs = registry.parse_transforms(items)
+        names = [n for n, _ in specs]
+        if self.dare is not None and names.count("dare") > 1:
+            raise ParamError("DARE is given twice (`dare:` and in `transforms:`); keep one")
+        return specs
+
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown merge method {self.method!r}; choose one of {list(METHODS)}")
-        unknown = set(self.params or {}) - set(METHODS[self.method])
-        if unknown:
-            raise ValueError(f"unknown parameter(s) {sorted(unknown)} for {self.method}; allowed: {sorted(METHODS[self.method])}")
-        if self.pretrained is None and self.method != "weighted_average":
+        self._check_models()
+        method = registry.get_method(self.method)
+        if self.pretrained is not None and not isinstance(self.pretrained, (str, Path)):
+            raise ValueError(f"`pretrained:` must be one path (the model the fine-tuned ones started from), "
+                             f"got {_what(self.pretrained)}")
+        if self.pretrained is None and method.needs_pretrained:
             raise ValueError(f"method {self.method} needs `pretrained:` (the model the fine-tuned ones started from)")
-        p = self.resolved_params()
-        if self.method == "ties":
-            check_ties_args(p["density"], p["trim_scope"], p["sign_method"], p["disjoint"], p["zero_sign"])
-        if self.dare:
-            bad = set(self.dare) - DARE_KEYS
-            if bad or "drop_rate" not in self.dare:
-                raise ValueError(f"`dare:` takes drop_rate (required), seed, rescale; got {sorted(self.dare)}")
-            check_dare_args(float(self.dare["drop_rate"]), self.dare.get("rescale", True))
-            if self.method == "weighted_average":
-                raise ValueError("DARE applies to task vectors: use it with task_arithmetic or ties")
+        if not isinstance(self.allow_nonfinite, bool):
+            raise ParamError(f"allow_nonfinite must be true or false (a YAML boolean), got {_what(self.allow_nonfinite)}")
+        if isinstance(self.max_shard_size, bool) or not isinstance(self.max_shard_size, (str, int)):
+            raise ValueError(f"max_shard_size must be a size like 2GB or 500MB, got {_what(self.max_shard_size)}")
+        parse_size(self.max_shard_size)
+        self.resolved_params()
+        if self.transform_specs() and not method.takes_task_vectors:
+            raise ValueError(f"transforms (DARE, ...) apply to task vectors: {self.method} merges the models "
+                             f"themselves; use one of {[m for m in registry.method_names() if registry.get_method(m).takes_task_vectors]}")
 
     def resolved_params(self) -> dict:
-        return {**METHODS[self.method], **(self.params or {})}
+        """The method's parameters as the registry resolves them (defaults filled in)."""
+        return registry.validate_params(self.method, self.params, num_tasks=len(self.models))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _json_safe(obj):
+    """Strict JSON: non-finite floats (only possible with allow_nonfinite) become strings."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 def merge_models(config: MergeConfig | dict | str, output_dir, overwrite: bool = False, progress: bool = True) -> dict:
@@ -105,9 +158,11 @@ def merge_models(config: MergeConfig | dict | str, output_dir, overwrite: bool =
     config.validate()
     output_dir = Path(output_dir)
     inputs = check_merge_output(config, output_dir, overwrite)  # never is/contains/lies inside an input
+    method = registry.get_method(config.method)
     params = config.resolved_params()
+    transforms = [(registry.get_transform(n), p) for n, p in config.transform_specs()]
     base_spec = config.pretrained
-    if base_spec is None:  # weighted average without a pretrained model: the first model is the reference
+    if base_spec is None:  # a method without a pretrained model: the first model is the reference
         base_spec = config.models[0]["path"]
     if is_lora_adapter(base_spec):
         raise ValueError(f"pretrained {base_spec} is a LoRA adapter; give the base model it was trained on")
@@ -128,36 +183,26 @@ def merge_models(config: MergeConfig | dict | str, output_dir, overwrite: bool =
         notes.extend(check_extra_keys(plan, base, src))
     for tv in tasks:
         notes.extend(tv.check(plan.keys, base))
-    if config.dare:
-        seed = int(config.dare.get("seed", 0))
-        tasks = [DareTaskVector(tv, float(config.dare["drop_rate"]), seed + i, config.dare.get("rescale", True))
-                 for i, tv in enumerate(tasks)]
-        for tv in tasks:
-            tv.base_source = base
-        notes.append(f"DARE drop_rate={config.dare['drop_rate']} applied to every task vector (seed {seed} + task index)")
+    tasks = prepare_task_vectors(tasks, base, transforms)
+    for t, tp in transforms:
+        shown = ", ".join(f"{k}={v}" for k, v in tp.items())
+        notes.append(f"{t.label} ({shown}) applied to every task vector"
+                     + (" (seed + task index)" if "seed" in tp else ""))
+    if config.allow_nonfinite:
+        notes.append("allow_nonfinite: NaN/Inf in the checkpoints were not checked for")
     notes = plan.notes + notes
     if plan.aliases:
         notes.append(f"tied aliases {sorted(plan.aliases)} are not stored separately; from_pretrained re-ties them")
     for n in notes:
         logger.info(n)
 
-    stats: dict[str, Any] = {"method": config.method, "params": params}
+    stats: dict[str, Any] = {"method": config.method, "params": params,
+                             "transforms": [{"name": n, **p} for n, p in config.transform_specs()]}
     with atomic_directory(output_dir, overwrite=overwrite, inputs=inputs) as tmp:
         layout = [(k, *base.info(k)) for k in plan.keys + plan.passthrough]
         sink = ShardedSafetensorsSink(tmp, layout, config.max_shard_size)
-        if config.method == "task_arithmetic":
-            linear_merge(base, tasks, plan, per_task(params["scaling"], len(tasks), "scaling"), 1.0, sink, progress,
-                         desc="task arithmetic")
-        elif config.method == "weighted_average":
-            w = per_task(1.0 if params.get("weights") is None else params["weights"], len(tasks), "weights")
-            if params.get("normalize", True):
-                w = [x / sum(w) for x in w]
-            # sum_t w_t theta_t = (sum_t w_t) theta_0 + sum_t w_t tau_t
-            linear_merge(base, tasks, plan, w, sum(w), sink, progress, desc="weighted average")
-        else:
-            s = ties_merge(base, tasks, plan, float(params["scaling"]), float(params["density"]), params["trim_scope"],
-                           params["sign_method"], params["disjoint"], params["zero_sign"], sink, progress)
-            stats.update(thresholds=s.thresholds, majority_sign=s.majority_sign, deferred_keys=s.deferred_keys)
+        stats.update(run_method(method, params, base, tasks, plan, sink, progress,
+                                check_finite=not config.allow_nonfinite))
         shards = sink.close()
         copied = copy_model_files(model_files, tmp)
         (tmp / "merge_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -165,5 +210,6 @@ def merge_models(config: MergeConfig | dict | str, output_dir, overwrite: bool =
         stats.update(notes=notes, shards=[p.name for p in shards], copied_files=copied,
                      merged_tensors=len(plan.keys), copied_buffers=len(plan.passthrough),
                      tied_aliases=dict(plan.aliases), total_bytes=sink.total_bytes)
-        write_json_atomic(tmp / "merge_report.json", stats)
+        stats = _json_safe(stats)
+        write_text_atomic(tmp / "merge_report.json", json.dumps(stats, indent=2, allow_nan=False) + "\n")
     return stats

@@ -1,15 +1,18 @@
-"""Merging-coefficient search on validation data (the SAFT paper's protocol).
+"""Merging-coefficient search on validation data (the SAFT paper's protocol), for any
+registered method.
 
-Grids (paper): one shared alpha in {0.1, 0.3, 0.5, 0.7, 0.9, 1.0} for task arithmetic;
-alpha x mask rate {0.7, 0.8, 0.9} (density 0.3/0.2/0.1) for TIES; DARE drop rate in
-{0.1, 0.3, 0.5, 0.7, 0.9} in front of task arithmetic (x alpha) or TIES. Each grid point is
+Grids come from the registry (the paper's: one shared alpha in {0.1, 0.3, 0.5, 0.7, 0.9, 1.0}
+for task arithmetic; lambda x density {0.3, 0.2, 0.1} for TIES; DARE drop rate in {0.1, 0.3,
+0.5, 0.7, 0.9}); `grid=` overrides or adds values for any parameter of the method or of its
+transforms. A method without a grid is evaluated once at its defaults. Each grid point is
 scored by the mean normalized validation accuracy over tasks (merged acc / that task's
 fine-tuned acc; mean absolute accuracy when no fine-tuned accuracies are given). With
 selection="per_task" the best point is also chosen per task, as the published SAFT code did.
 
-Work independent of the scaling is done once: the sum of task vectors (task arithmetic) and
-the TIES trimmed/elected/disjoint-merged direction (per density and DARE rate) are cached, so
-each alpha costs one `theta_0 + alpha * direction` and one evaluation.
+Work independent of a method's linear parameter (its `linear_param`, e.g. scaling) is done once
+per setting of the other parameters: the merged direction (sum of task vectors, the TIES
+trimmed/elected/disjoint-merged delta, ...) is cached, so each alpha costs one
+`theta_0 + alpha * direction` and one evaluation.
 """
 from __future__ import annotations
 
@@ -23,21 +26,21 @@ import torch
 from tqdm.auto import tqdm
 
 from ..evaluation import normalized_accuracy
-from .engine import ties_merge
+from . import registry
+from .api import _dict_sink, _finish, _prepare, _task_list
+from .engine import run_method
+from .grids import PAPER_ALPHAS, PAPER_DENSITIES, PAPER_DROP_RATES  # noqa: F401  (re-exported)
 from .io import DictSink
-from .methods import _dict_sink, _finish, _prepare, _task_list
-from .taskvectors import DareTaskVector
+from .taskvectors import prepare_task_vectors
 
-PAPER_ALPHAS = [0.1, 0.3, 0.5, 0.7, 0.9, 1.0]
-PAPER_DENSITIES = [0.3, 0.2, 0.1]  # mask rate 0.7 / 0.8 / 0.9
-PAPER_DROP_RATES = [0.1, 0.3, 0.5, 0.7, 0.9]
-
-DEFAULT_GRIDS = {
-    "task_arithmetic": {"scaling": PAPER_ALPHAS},
-    "ties": {"density": PAPER_DENSITIES, "scaling": PAPER_ALPHAS},
-    "dare_task_arithmetic": {"drop_rate": PAPER_DROP_RATES, "scaling": PAPER_ALPHAS},
-    "dare_ties": {"drop_rate": PAPER_DROP_RATES, "density": PAPER_DENSITIES, "scaling": PAPER_ALPHAS},
-}
+def default_grid(method: str) -> dict:
+    """{parameter: values} searched by default for a method or search alias (transforms' first)."""
+    m, transforms = registry.resolve_search_name(method)
+    out = {}
+    for name in transforms:
+        out.update(registry.get_transform(name).grid())
+    out.update(m.grid())
+    return out
 
 
 @dataclasses.dataclass
@@ -58,6 +61,22 @@ class SearchResult:
     per_task_best: dict  # task -> {"params", "absolute", "normalized"}
     finetuned_accuracy: dict | None = None
     fixed_params: dict = dataclasses.field(default_factory=dict)
+    merge_method: str | None = None  # the registered method (`method` may be a search alias)
+    transforms: list = dataclasses.field(default_factory=list)  # [{name, fixed params}]
+    param_sources: dict = dataclasses.field(default_factory=dict)  # grid key -> "method" or transform name
+
+    def best_merge_config(self) -> dict:
+        """{method, params, transforms} of the best point, for MergeConfig / merge_models."""
+        return self.merge_config_for(self.best.params)
+
+    def merge_config_for(self, point_params: Mapping) -> dict:
+        params = dict(self.fixed_params)
+        fixed_t = {t["name"]: {k: v for k, v in t.items() if k != "name"} for t in self.transforms}
+        for key, value in point_params.items():
+            owner = self.param_sources.get(key, "method")
+            (params if owner == "method" else fixed_t[owner])[key.rpartition(".")[2]] = value
+        return {"method": self.merge_method or self.method, "params": params,
+                "transforms": [{"name": n, **p} for n, p in fixed_t.items()]}
 
     @property
     def best_params(self) -> dict:
@@ -86,16 +105,46 @@ def _score(absolute: Mapping[str, float], finetuned: Mapping[str, float] | None)
     return absolute, norm, sum(norm.values()) / len(norm)
 
 
-def _direction_sum(base, tasks, plan) -> dict:
-    sink = DictSink()
-    for key in plan.keys:
-        pre = base.get(key)
-        acc = None
-        for tv in tasks:
-            d = tv.get(key, pre)
-            acc = d.clone() if acc is None else acc.add_(d)
-        sink.write(key, acc)
-    return sink.close()
+
+
+def _space(method, transforms, grid, fixed_method: dict, fixed_transforms: dict) -> tuple[dict, dict]:
+    """The searched values {key: [values]} in loop order (transforms' params, then the method's,
+    its linear parameter last) and {key: owner} ("method" or a transform name). Transform
+    parameters are named plainly unless another owner has a parameter of that name, then
+    "transform.param"."""
+    owners: dict[str, list] = {}
+    for p in method.params:
+        owners.setdefault(p.name, []).append(("method", p))
+    for t in transforms:
+        for p in t.params:
+            owners.setdefault(p.name, []).append((t.name, p))
+    keys = {}  # key -> (owner, Param)
+    for t in transforms:
+        for p in t.params:
+            keys[p.name if len(owners[p.name]) == 1 else f"{t.name}.{p.name}"] = (t.name, p)
+    for p in method.params:
+        keys[p.name] = ("method", p)
+    grid = dict(grid or {})
+    unknown = [k for k in grid if k not in keys]
+    if unknown:
+        raise ValueError(f"grid keys {sorted(unknown)} do not apply to {method.name}"
+                         f"{' with ' + ', '.join(t.name for t in transforms) if transforms else ''}; allowed {sorted(keys)}")
+    values = {}
+    for key, (owner, p) in keys.items():
+        fixed = fixed_method if owner == "method" else fixed_transforms.get(owner, {})
+        if key in grid:
+            vals = grid[key]
+        elif p.grid is not None and p.name not in fixed:
+            vals = list(p.grid)
+        else:
+            continue
+        if isinstance(vals, (str, bytes)) or not isinstance(vals, (list, tuple)) or not vals:
+            raise ValueError(f"grid[{key!r}] must be a non-empty list of values, got {vals!r}")
+        values[key] = [registry.check_value(p, v, f"grid {key}") for v in vals]
+    order = [k for k in values if keys[k][0] != "method"] + \
+        [k for k in values if keys[k][0] == "method" and k != method.linear_param] + \
+        [k for k in values if k == method.linear_param]
+    return {k: values[k] for k in order}, {k: keys[k][0] for k in order}
 
 
 def search_coefficients(
@@ -110,58 +159,89 @@ def search_coefficients(
     dare_seed: int = 0,
     dare_rescale=True,
     progress: bool = True,
+    params: Mapping | None = None,
+    transforms=None,
+    allow_nonfinite: bool = False,
 ) -> SearchResult:
     """Evaluate every grid point with `evaluate(merged_state_dict) -> {task: accuracy}`.
 
-    method: "task_arithmetic" | "ties" | "dare_task_arithmetic" | "dare_ties". `grid` overrides the
-    paper grid for that method (keys: scaling, density, drop_rate). `ties_options` passes
-    trim_scope / sign_method / disjoint / zero_sign to TIES. The evaluation callable must not
-    keep references to the state dict it gets (it is rebuilt per point).
+    method: any registered method (`registry.method_names()`) or search alias
+    ("dare_task_arithmetic", "dare_ties" = the method with DARE in front). `grid` overrides the
+    default grid ({param: [values]}, for the method's or a transform's parameters). `params`:
+    fixed method parameters (`ties_options` is the old name for TIES's trim_scope / sign_method /
+    disjoint / zero_sign). `transforms`: extra transforms, e.g. [{"name": "dare", "seed": 3}];
+    `dare_seed` / `dare_rescale` set DARE's seed / rescale. The evaluation callable must not keep
+    references to the state dict it gets (it is rebuilt per point).
     """
-    if method not in DEFAULT_GRIDS:
-        raise ValueError(f"unknown search method {method!r}; choose one of {list(DEFAULT_GRIDS)}")
+    if method not in registry.search_names():
+        raise ValueError(f"unknown search method {method!r}; choose one of {registry.search_names()}")
     if selection not in ("mean", "per_task"):
         raise ValueError("selection must be 'mean' (one point for all tasks) or 'per_task'")
-    g = {**DEFAULT_GRIDS[method], **(grid or {})}
-    unknown = set(g) - set(DEFAULT_GRIDS[method])
-    if unknown:
-        raise ValueError(f"grid keys {sorted(unknown)} do not apply to {method}; allowed {sorted(DEFAULT_GRIDS[method])}")
-    opts = {"trim_scope": "global", "sign_method": "sum", "disjoint": "mean", "zero_sign": "majority", **(ties_options or {})}
+    m, alias_transforms = registry.resolve_search_name(method)
+    specs = [{"name": n} for n in alias_transforms] + [
+        {"name": t} if isinstance(t, str) else dict(t) for t in (transforms or [])]
+    for spec in specs:
+        if spec["name"] == "dare":
+            spec.setdefault("seed", dare_seed)
+            spec.setdefault("rescale", dare_rescale)
+    names = [s["name"] for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"transform given twice in {names}")
+    if specs and not m.takes_task_vectors:
+        raise ValueError(f"transforms apply to task vectors; {m.name} merges the models themselves")
+    t_objs = [registry.get_transform(n) for n in names]
+    fixed_t = {s["name"]: {k: v for k, v in s.items() if k != "name"} for s in specs}
+    own = {p.name for p in m.params}
+    fixed_m = {**{k: v for k, v in (ties_options or {}).items() if k in own}, **(params or {})}
+    space, sources = _space(m, t_objs, grid, fixed_m, fixed_t)
+
     tasks = _task_list(task_vectors)
     base, plan = _prepare(pretrained, tasks)
     order = list(pretrained)
-    # Outer loop: settings that change the direction (drop rate, density); inner loop: scaling.
-    outer_keys = [k for k in ("drop_rate", "density") if k in g]
-    outer = list(itertools.product(*[g[k] for k in outer_keys])) or [()]
-    total = len(outer) * len(g["scaling"])
+    linear = m.linear_param if m.linear_param in space else None
+    cache = linear is not None and m.base_scale is None and all(isinstance(v, float) for v in space[linear])
+    outer_keys = [k for k in space if k != linear] if cache else list(space)
+    outer = list(itertools.product(*[space[k] for k in outer_keys]))
+    inner = space[linear] if cache else [None]
     points: list[GridPoint] = []
-    bar = tqdm(total=total, desc=f"search {method}", disable=not progress, unit="point")
+    bar = tqdm(total=len(outer) * len(inner), desc=f"search {method}", disable=not progress, unit="point")
+
+    def resolved(setting: dict):
+        mp = dict(fixed_m)
+        tp = {n: dict(p) for n, p in fixed_t.items()}
+        for key, value in setting.items():
+            (mp if sources[key] == "method" else tp[sources[key]])[key.rpartition(".")[2]] = value
+        mp = registry.validate_params(m.name, mp, num_tasks=len(tasks))
+        return mp, [(t, registry.validate_transform_params(t.name, tp[t.name])) for t in t_objs]
+
+    def score(setting: dict, merged: dict):
+        absolute, norm, value = _score(evaluate(merged), finetuned_accuracy)
+        points.append(GridPoint(setting, absolute, norm, value))
+        bar.update(1)
+        bar.set_postfix(score=f"{value:.4f}")
+
+    fixed_params: dict = {}
     for combo in outer:
         setting = dict(zip(outer_keys, combo))
-        tvs = tasks
-        if "drop_rate" in setting:
-            tvs = [DareTaskVector(tv, float(setting["drop_rate"]), dare_seed + i, dare_rescale) for i, tv in enumerate(tasks)]
-            for tv in tvs:
-                tv.base_source = base
-        if "density" in setting:
+        mp, tr = resolved({**setting, **({linear: 1.0} if cache else {})})
+        fixed_params = {k: v for k, v in mp.items() if k not in space}
+        tvs = prepare_task_vectors(tasks, base, tr)
+        if not cache:
             sink = _dict_sink(base, plan)
-            ties_merge(base, tvs, plan, 1.0, float(setting["density"]), opts["trim_scope"], opts["sign_method"],
-                       opts["disjoint"], opts["zero_sign"], sink, progress=False, direction_only=True)
-            direction = sink.close()
-        else:
-            direction = _direction_sum(base, tvs, plan)
-        for alpha in g["scaling"]:
+            run_method(m, mp, base, tvs, plan, sink, progress=False, check_finite=not allow_nonfinite)
+            score(setting, _finish(sink, plan, order))
+            continue
+        sink = _dict_sink(base, plan)
+        run_method(m, mp, base, tvs, plan, sink, progress=False, mode="delta", check_finite=not allow_nonfinite)
+        direction = sink.close()
+        for alpha in inner:
             out = DictSink()
             for key in plan.keys:
                 pre = base.get(key)
                 out.write(key, (pre.to(direction[key].dtype) + float(alpha) * direction[key]).to(pre.dtype))
             for key in plan.passthrough:
                 out.write(key, base.get(key))
-            merged = _finish(out, plan, order)
-            absolute, norm, score = _score(evaluate(merged), finetuned_accuracy)
-            points.append(GridPoint({**setting, "scaling": float(alpha)}, absolute, norm, score))
-            bar.update(1)
-            bar.set_postfix(score=f"{score:.4f}")
+            score({**setting, linear: float(alpha)}, _finish(out, plan, order))
         del direction
     bar.close()
     best = max(points, key=lambda p: p.score)
@@ -171,6 +251,7 @@ def search_coefficients(
         bp = max(points, key=key)
         per_task[t] = {"params": bp.params, "absolute": bp.absolute[t],
                        "normalized": bp.normalized[t] if bp.normalized else None}
-    fixed = opts if "density" in g else {}
+    transforms_fixed = [{"name": n, **fixed_t[n]} for n in names]
     return SearchResult(method, selection, "mean normalized accuracy" if finetuned_accuracy else "mean absolute accuracy",
-                        points, best, per_task, dict(finetuned_accuracy) if finetuned_accuracy else None, fixed)
+                        points, best, per_task, dict(finetuned_accuracy) if finetuned_accuracy else None, fixed_params,
+                        m.name, transforms_fixed, sources)

@@ -276,25 +276,59 @@ def check_dare_args(drop_rate: float, rescale) -> str:
     return rescale
 
 
-class DareTaskVector(TaskVector):
-    def __init__(self, inner: TaskVector, drop_rate: float, seed: int = 0, rescale="inverse"):
-        self.rescale = check_dare_args(drop_rate, rescale)
-        self.inner, self.drop_rate, self.seed = inner, drop_rate, seed
-        self.base_source = None  # set by check(); needed to rebuild whole tensors for row blocks
+class TransformedTaskVector(TaskVector):
+    """A task vector with a registered transform (DARE, ...) applied tensor by tensor.
+
+    The transform sees the whole tensor (so a random mask does not depend on how the merge
+    splits it into row blocks); row blocks then take their slice of the cached result.
+    """
+
+    def __init__(self, inner: TaskVector, transform, params: dict, task_index: int, base_source=None):
+        self.inner, self.transform, self.params, self.task_index = inner, transform, dict(params), task_index
+        self.base_source = base_source  # set by check(); needed to rebuild whole tensors for row blocks
         self.name = inner.name
-        self.description = f"{inner.description} with DARE(p={drop_rate}, seed={seed}, rescale={self.rescale})"
+        shown = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        self.description = f"{inner.description} with {transform.label}({shown})"
+        self._full_cache = None
+
+    def _apply(self, key, full_delta):
+        return self.transform.apply(full_delta, key, self.task_index, self.params)
 
     def get(self, key, base, rows=None):
-        # The random mask is drawn for the whole tensor (so it does not depend on how the merge
-        # splits it into row blocks); row blocks then take their slice.
         if rows is None:
-            return dare_tensor(self.inner.get(key, base), self.drop_rate, self.seed, key, self.rescale)
-        self._full_cache = getattr(self, "_full_cache", None)
+            return self._apply(key, self.inner.get(key, base))
         if self._full_cache is None or self._full_cache[0] != key:
+            self._full_cache = None  # drop the previous tensor first
             full_base = self.base_source.get(key)
-            self._full_cache = (key, dare_tensor(self.inner.get(key, full_base), self.drop_rate, self.seed, key, self.rescale))
+            self._full_cache = (key, self._apply(key, self.inner.get(key, full_base)))
         return self._full_cache[1][rows[0]:rows[1]]
 
     def check(self, keys, base):
         self.base_source = base
         return self.inner.check(keys, base)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True if no entry is NaN or Inf. Fast path: one sum (NaN and Inf propagate through it);
+    only a non-finite sum (which large finite values can also cause) triggers the exact check."""
+    if t.numel() == 0:
+        return True
+    total = t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum()
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
+
+
+class NonFiniteError(CheckpointError):
+    """NaN or Inf in a checkpoint (the message names the model and the tensor)."""
+
+
+def nonfinite_error(kind: str, name: str, key: str) -> NonFiniteError:
+    return NonFiniteError(f"{kind} {name}: tensor {key!r} holds non-finite values (NaN or Inf); fix or re-export "
+                          "that checkpoint (or pass allow_nonfinite: true to merge anyway)")
+
+
+def prepare_task_vectors(tasks: list[TaskVector], base: TensorSource, transforms=()) -> list[TaskVector]:
+    """The task vectors with the transforms [(Transform, params), ...] applied in the given
+    order, each task with its index."""
+    for transform, params in transforms:
+        tasks = [TransformedTaskVector(tv, transform, params, i, base) for i, tv in enumerate(tasks)]
+    return tasks

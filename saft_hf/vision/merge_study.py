@@ -16,13 +16,14 @@ import torch
 
 from saft_hf.evaluation import markdown_table, summarize
 from saft_hf.io_utils import write_json_atomic, write_text_atomic
+from saft_hf.merging import registry
 from saft_hf.vision.evaluate import VisionEvaluator
 from saft_hf.vision.finetune import FINETUNED_ACCURACY_FILE
 from saft_hf.vision.model import load_vision_encoder
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("weighted_average", "task_arithmetic", "ties")
+METHODS = tuple(registry.method_names(study_only=True))  # the registry's study methods, in order
 
 
 def read_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
@@ -42,16 +43,13 @@ def read_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
 
 
 def merge_state_dict(method: str, pretrained: Mapping[str, torch.Tensor], finetuned: list, vectors: list,
-                     params: Mapping) -> dict[str, torch.Tensor]:
-    from saft_hf.merging import task_arithmetic, ties_merging, weighted_average
+                     params: Mapping, transforms=None) -> dict[str, torch.Tensor]:
+    """Any registered method at `params` (methods without a pretrained model merge `finetuned`)."""
+    from saft_hf.merging import merge, merge_finetuned
 
-    if method == "weighted_average":
-        return weighted_average(finetuned)
-    if method == "task_arithmetic":
-        return task_arithmetic(pretrained, vectors, scaling=params["scaling"])
-    if method == "ties":
-        return ties_merging(pretrained, vectors, scaling=params["scaling"], density=params["density"])
-    raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if not registry.get_method(method).needs_pretrained:
+        return merge_finetuned(method, None, finetuned, transforms=transforms, **params)
+    return merge(method, pretrained, vectors, transforms=transforms, **params)
 
 
 def run_merge_study(run_dirs: Sequence[str | Path], output_dir: str | Path, pretrained: str | None = None,
@@ -83,22 +81,29 @@ def run_merge_study(run_dirs: Sequence[str | Path], output_dir: str | Path, pret
             "fine-tuned (individual)": summarize(ft_test, ft_test)}
     details: dict = {}
     for method in methods:
-        if method == "weighted_average":
-            params, search = {"weights": "uniform"}, None
+        if not registry.resolve_search_name(method)[0].grid() and not (grid or {}).get(method):
+            params, search, transforms = registry.validate_params(method, {}), None, None
         else:
             search = search_coefficients(theta0, vectors, val_eval, method=method, grid=(grid or {}).get(method),
                                          finetuned_accuracy=ft_val, progress=progress)
-            params = search.best_params
-        merged = merge_state_dict(method, theta0, finetuned, vectors, params)
+            best = search.best_merge_config()
+            params, transforms = best["params"], best["transforms"]
+        merged = merge_state_dict(registry.resolve_search_name(method)[0].name, theta0, finetuned, vectors, params,
+                                  transforms)
         rows[method] = summarize(test_eval(merged), ft_test)
         details[method] = {"params": params, "search": search.to_dict() if search else None}
         logger.info("%s %s: test abs %.4f norm %.4f", method, params, rows[method]["absolute_mean"],
                     rows[method]["normalized_mean"])
-    if fixed_scaling is not None:
-        name = f"task_arithmetic (alpha={fixed_scaling})"
-        merged = merge_state_dict("task_arithmetic", theta0, finetuned, vectors, {"scaling": fixed_scaling})
+    # the fixed-coefficient ablation (paper table 6) of every method declaring one, at fixed_scaling
+    for method in (registry.method_names(study_only=True) if fixed_scaling is not None else []):
+        m = registry.get_method(method)
+        if not m.fixed_ablation or not m.linear_param:
+            continue
+        name = f"{method} ({m.param(m.linear_param).symbol or m.linear_param}={fixed_scaling})"
+        fixed = {**m.fixed_ablation, m.linear_param: fixed_scaling}
+        merged = merge_state_dict(method, theta0, finetuned, vectors, fixed)
         rows[name] = summarize(test_eval(merged), ft_test)
-        details[name] = {"params": {"scaling": fixed_scaling}, "search": None}
+        details[name] = {"params": fixed, "search": None}
 
     report = {"tasks": tasks, "base_model": base_model, "linearized": linearized,
               "runs": {r["task"]: r["dir"] for r in runs}, "rows": rows, "methods": details,

@@ -1,4 +1,6 @@
-"""Merging methods on state dicts (`dict[str, Tensor]`).
+"""Merging on state dicts (`dict[str, Tensor]`): `merge(method, ...)` for any registered method,
+and the named functions `task_vector`, `weighted_average`, `task_arithmetic`, `ties_merging`,
+`dare`.
 
 Every function runs the same key-by-key engine as the on-disk merge (`merge_models`), so the
 dict API and the streamed CLI give identical results. Task vectors of fp16/bf16 weights are
@@ -12,10 +14,11 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .engine import check_ties_args, linear_merge, per_task, ties_merge
+from . import registry
+from .engine import run_method
 from .io import DictSink, DictSource, TensorSource
 from .plan import MergePlan, build_plan
-from .taskvectors import CheckpointTaskVector, DictTaskVector, TaskVector, check_dare_args, dare_tensor
+from .taskvectors import CheckpointTaskVector, DictTaskVector, TaskVector, check_dare_args, dare_tensor, prepare_task_vectors
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -51,6 +54,61 @@ def _prepare(pretrained: StateDict, tasks: list[TaskVector]) -> tuple[TensorSour
     return base, plan
 
 
+def _transforms(spec) -> list[tuple]:
+    """[(Transform, params)] from [{name, ...params}] / ["dare"] / [("dare", {...})]."""
+    items = [(s[0], dict(s[1])) if isinstance(s, tuple) else s for s in (spec or [])]
+    items = [{"name": s[0], **s[1]} if isinstance(s, tuple) else s for s in items]
+    return [(registry.get_transform(n), p) for n, p in registry.parse_transforms(items)]
+
+
+def _run(method_name: str, base: TensorSource, plan: MergePlan, tasks: list[TaskVector], params: dict, order,
+         transforms=(), allow_nonfinite: bool = False) -> dict[str, torch.Tensor]:
+    method = registry.get_method(method_name)
+    resolved = registry.validate_params(method_name, params, num_tasks=len(tasks))
+    if transforms and not method.takes_task_vectors:
+        raise ValueError(f"transforms apply to task vectors; {method_name} merges the models themselves")
+    tasks = prepare_task_vectors(tasks, base, transforms)
+    sink = _dict_sink(base, plan)
+    run_method(method, resolved, base, tasks, plan, sink, progress=False, check_finite=not allow_nonfinite)
+    return _finish(sink, plan, order)
+
+
+def merge(method: str, pretrained: StateDict, task_vectors, transforms=None, allow_nonfinite: bool = False,
+          **params) -> dict[str, torch.Tensor]:
+    """Merge task vectors into `pretrained` with any registered method:
+    `merge("ties", theta0, [tau1, tau2], scaling=0.5, density=0.2)`.
+
+    `transforms`: e.g. [{"name": "dare", "drop_rate": 0.5}] applied to every task vector first
+    (task i uses DARE seed + i). Parameters are validated strictly (see registry.validate_params).
+    NaN/Inf in the weights is refused unless `allow_nonfinite`.
+    """
+    tasks = _task_list(task_vectors)
+    base, plan = _prepare(pretrained, tasks)
+    return _run(method, base, plan, tasks, params, list(pretrained), _transforms(transforms), allow_nonfinite)
+
+
+def merge_finetuned(method: str, pretrained: StateDict | None, finetuned: Sequence[StateDict], transforms=None,
+                    allow_nonfinite: bool = False, **params) -> dict[str, torch.Tensor]:
+    """Like `merge`, from fine-tuned state dicts. Methods that do not need the pretrained model
+    (weighted average) take the first fine-tuned model as the reference, so their result is
+    computed from the fine-tuned weights alone."""
+    finetuned = list(finetuned)
+    if not finetuned:
+        raise ValueError(f"{method} needs at least one fine-tuned state dict")
+    m = registry.get_method(method)
+    if m.needs_pretrained and pretrained is None:
+        raise ValueError(f"method {method} needs the pretrained state dict")
+    reference = pretrained if m.needs_pretrained else finetuned[0]
+    ref_name = "pretrained" if m.needs_pretrained else "model0"
+    base = DictSource(reference, ref_name)
+    others = [DictSource(sd, f"model{i}") for i, sd in enumerate(finetuned)]
+    plan = build_plan(base, others if m.needs_pretrained else others[1:])
+    tasks = [CheckpointTaskVector(o, o.name) for o in others]
+    for tv in tasks:
+        tv.check(plan.keys, base)
+    return _run(method, base, plan, tasks, params, list(reference), _transforms(transforms), allow_nonfinite)
+
+
 def task_vector(pretrained: StateDict, finetuned: StateDict) -> dict[str, torch.Tensor]:
     """tau = finetuned - pretrained for every floating-point tensor (int/bool buffers skipped).
 
@@ -72,12 +130,7 @@ def task_vector(pretrained: StateDict, finetuned: StateDict) -> dict[str, torch.
 
 def task_arithmetic(pretrained: StateDict, task_vectors, scaling=0.4) -> dict[str, torch.Tensor]:
     """theta_0 + sum_t alpha_t tau_t; `scaling` is one alpha for all tasks or one per task."""
-    tasks = _task_list(task_vectors)
-    coeffs = per_task(scaling, len(tasks), "scaling")
-    base, plan = _prepare(pretrained, tasks)
-    sink = _dict_sink(base, plan)
-    linear_merge(base, tasks, plan, coeffs, 1.0, sink, progress=False)
-    return _finish(sink, plan, list(pretrained))
+    return merge("task_arithmetic", pretrained, task_vectors, scaling=scaling)
 
 
 def weighted_average(state_dicts: Sequence[StateDict], weights=None, normalize: bool = True) -> dict[str, torch.Tensor]:
@@ -86,22 +139,8 @@ def weighted_average(state_dicts: Sequence[StateDict], weights=None, normalize: 
     state_dicts = list(state_dicts)
     if not state_dicts:
         raise ValueError("weighted_average needs at least one state dict")
-    w = per_task(1.0 if weights is None else weights, len(state_dicts), "weights")
-    if normalize:
-        total = sum(w)
-        if total == 0:
-            raise ValueError("weights sum to 0; cannot normalize (pass normalize=False)")
-        w = [x / total for x in w]
-    first = DictSource(state_dicts[0], "model0")
-    others = [DictSource(sd, f"model{i}") for i, sd in enumerate(state_dicts)]
-    plan = build_plan(first, others[1:])
-    tasks = [CheckpointTaskVector(o, o.name) for o in others]
-    for tv in tasks:
-        tv.check(plan.keys, first)
-    sink = _dict_sink(first, plan)
-    # sum_t w_t theta_t = (sum_t w_t) theta_0 + sum_t w_t (theta_t - theta_0), with theta_0 = first model.
-    linear_merge(first, tasks, plan, w, sum(w), sink, progress=False)
-    return _finish(sink, plan, list(state_dicts[0]))
+    params = {"normalize": normalize} if weights is None else {"weights": weights, "normalize": normalize}
+    return merge_finetuned("weighted_average", None, state_dicts, **params)
 
 
 def ties_merging(pretrained: StateDict, task_vectors, scaling: float = 1.0, density: float = 0.2,
@@ -111,12 +150,8 @@ def ties_merging(pretrained: StateDict, task_vectors, scaling: float = 1.0, dens
     whole model with trim_scope="global", or per tensor), elect a sign per entry (sign of the sum
     of trimmed values, or of the count of signs), average (or sum) the entries agreeing with it,
     and add `scaling` times the result to the pretrained weights. Defaults = TIES paper code."""
-    check_ties_args(density, trim_scope, sign_method, disjoint, zero_sign)
-    tasks = _task_list(task_vectors)
-    base, plan = _prepare(pretrained, tasks)
-    sink = _dict_sink(base, plan)
-    ties_merge(base, tasks, plan, float(scaling), density, trim_scope, sign_method, disjoint, zero_sign, sink, progress=False)
-    return _finish(sink, plan, list(pretrained))
+    return merge("ties", pretrained, task_vectors, scaling=scaling, density=density, trim_scope=trim_scope,
+                 sign_method=sign_method, disjoint=disjoint, zero_sign=zero_sign)
 
 
 def dare(task_vector: StateDict, drop_rate: float, seed: int = 0, rescale=True) -> dict[str, torch.Tensor]:
@@ -124,7 +159,9 @@ def dare(task_vector: StateDict, drop_rate: float, seed: int = 0, rescale=True) 
     1/(1-drop_rate) (rescale=True / "inverse"), to the original L1 norm per tensor ("l1",
     mergekit-style) or not at all (False). The random mask depends only on (seed, key), so the
     streamed merge drops exactly the same entries. Use a different seed per task."""
-    mode = check_dare_args(drop_rate, rescale)
+    p = registry.validate_transform_params("dare", {"drop_rate": drop_rate, "seed": seed,
+                                                    "rescale": "none" if rescale is None else rescale})
+    mode = check_dare_args(p["drop_rate"], p["rescale"])
     out = {}
     seen: dict[int, torch.Tensor] = {}
     for k, t in task_vector.items():
@@ -135,5 +172,5 @@ def dare(task_vector: StateDict, drop_rate: float, seed: int = 0, rescale=True) 
         if ident in seen and seen[ident].shape == t.shape:  # tied: same drop once
             out[k] = seen[ident]
             continue
-        out[k] = seen[ident] = dare_tensor(t, drop_rate, seed, k, mode)
+        out[k] = seen[ident] = dare_tensor(t, p["drop_rate"], p["seed"], k, mode)
     return out
