@@ -269,7 +269,10 @@ class MergeMonitorCallback(TrainerCallback):
                 payload = {"error": f"{type(exc).__name__}: {exc}"}
                 if not _distributed():
                     raise
-            payload["seconds"] = time.perf_counter() - start
+            now = time.perf_counter()
+            payload["seconds"] = now - start
+            # rank 0's clock for every rank, so all ranks log identical values
+            payload["elapsed"] = now - self._train_start if self._train_start is not None else None
         if _distributed():
             box = [payload]
             torch.distributed.broadcast_object_list(box, src=0)
@@ -283,7 +286,7 @@ class MergeMonitorCallback(TrainerCallback):
             logs["merge_monitor_sharpness"] = self._sharpness[0]
             logs["merge_monitor_sharpness_step"] = float(self._sharpness[1])
         logs["merge_monitor_seconds"] = seconds
-        elapsed = time.perf_counter() - self._train_start if self._train_start is not None else None
+        elapsed = payload.get("elapsed")
         if elapsed:
             logs["merge_monitor_share"] = self.total_seconds / elapsed
         self.records.append({"step": state.global_step, "seconds": seconds, "metrics": dict(logs)})
