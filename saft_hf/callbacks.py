@@ -103,6 +103,13 @@ class MergeMonitorCallback(TrainerCallback):
             raise FileNotFoundError(f"pretrained checkpoint {pretrained} does not exist")
         if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
             raise ValueError(f"max_examples must be a positive integer or None, got {max_examples!r}")
+        if isinstance(pretrained, torch.nn.Module):
+            pretrained = pretrained.state_dict()
+        if isinstance(pretrained, Mapping):
+            # copy now: a state dict of the model about to train holds views of the live weights
+            pretrained = {k: v.detach().to("cpu", copy=True) for k, v in pretrained.items()}
+        elif not isinstance(pretrained, (str, os.PathLike)):
+            raise TypeError(f"pretrained must be a state dict, a module or a checkpoint path, got {type(pretrained).__name__}")
         self.pretrained_spec = pretrained
         self.every_n_steps = every_n_steps
         self.methods = methods
@@ -191,10 +198,8 @@ class MergeMonitorCallback(TrainerCallback):
                     self._pretrained = {k: src.get(k).clone() for k in src.keys()}
                 finally:
                     src.close()
-            elif isinstance(spec, Mapping):
-                self._pretrained = {k: v.detach().to("cpu") for k, v in spec.items()}
             else:
-                self._pretrained = {k: v.detach().to("cpu") for k, v in spec.state_dict().items()}
+                self._pretrained = spec
         if self._others is None:
             others = []
             for name, spec in self.others_spec:
@@ -297,8 +302,14 @@ class MergeMonitorCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._find_trainer()
         self._train_start = time.perf_counter()
+        if not state.is_world_process_zero and isinstance(self.pretrained_spec, Mapping):
+            self.pretrained_spec = {}  # only rank 0 merges: other ranks free their copy
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self._deferred_step is not None:
+            logger.warning("MergeMonitorCallback: the training log expected at step %d did not come; that step was "
+                           "not measured", self._deferred_step)
+            self._deferred_step = None
         if self.every_n_steps and state.global_step % self.every_n_steps == 0:
             if control.should_log:
                 # the training log of this step comes right after: measure then, with its sharpness

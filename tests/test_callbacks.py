@@ -269,3 +269,22 @@ def test_pretrained_from_a_checkpoint_path(tmp_path, others):
     expected = _manual(encoder_state(tiny_bert()), encoder_state(model), others, MergedEvaluator(tiny_bert(), eval_tasks()),
                        scaling=1 / 3)
     assert entry["merged_weighted_average_task_a_accuracy"] == expected["task_a"]
+
+
+def test_pretrained_given_as_live_views_is_copied(tmp_path, others):
+    model = tiny_bert()
+    theta0 = encoder_state(model)
+    cb = MergeMonitorCallback(others, MergedEvaluator(model, eval_tasks()), 3, pretrained=model.bert.state_dict(),
+                              methods="ties")
+    trainer = Trainer(model=model, args=_args(TrainingArguments, tmp_path, max_steps=3, save_strategy="no"),
+                      train_dataset=TokenDataset(seed=1), callbacks=[cb])
+    trainer.train()
+    (entry,) = _entries(trainer)
+    q = "encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(cb._pretrained[q], theta0[q]) and not torch.equal(theta0[q], model.bert.state_dict()[q])
+    expected = _manual(theta0, encoder_state(model), others, MergedEvaluator(tiny_bert(), eval_tasks()), method="ties",
+                       scaling=1.0, density=0.2)
+    assert entry["merged_ties_task_a_accuracy"] == expected["task_a"]
+    assert entry["merged_ties_task_b_accuracy"] == expected["task_b"]
+    with pytest.raises(TypeError, match="pretrained must be"):
+        MergeMonitorCallback(others, cb._evaluate, 1, pretrained=3)
