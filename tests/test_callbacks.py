@@ -2,7 +2,6 @@
 merge + evaluation of the checkpoints saved at the same steps, plain Trainer and SAFTTrainer
 (sharpness), LoRA, best-checkpoint selection, cost reporting, errors."""
 
-import copy
 import json
 
 import pytest

@@ -1,4 +1,4 @@
-"""MergeMonitorCallback under torchrun DDP (2 processes, gloo, CPU): only rank 0 evaluates, both
+"""MergeMonitorCallback with SAFTTrainer under torchrun DDP (2 processes, gloo, CPU): only rank 0 evaluates, both
 ranks log the same numbers, pick the same best checkpoint and finish with identical weights."""
 
 import json
@@ -38,6 +38,8 @@ def test_only_rank_zero_evaluates_and_ranks_agree(launched):
     assert r0["calls"] == 4 and r1["calls"] == 0  # every step on rank 0, never on rank 1
     assert [e["step"] for e in r0["entries"]] == [1, 2, 3, 4]
     assert r0["entries"] == r1["entries"]  # rank 0's numbers, broadcast and logged on both ranks
+    # SAFTTrainer's sharpness: none before the first training log (step 2), then the latest one
+    assert [e.get("merge_monitor_sharpness_step") for e in r0["entries"]] == [None, 2, 2, 4]
     assert [r["seconds"] for r in r0["records"]] == [r["seconds"] for r in r1["records"]]
     assert all(r["seconds"] >= 0.3 for r in r0["records"])  # includes the slow evaluation
     assert r0["global_step"] == r1["global_step"] == 4

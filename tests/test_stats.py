@@ -271,3 +271,13 @@ def test_effect_table_missing_method_is_named():
         stats.effect_table(merged, finetuned, "adamw", "asam", n_boot=10)
     with pytest.raises(KeyError, match="'sam'"):
         stats.effect_table(merged, finetuned, "adamw", "sam", n_boot=10)
+
+
+def test_stats_needs_neither_scipy_nor_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, saft_hf.stats as s; s.mcnemar([1, 0], [0, 0]); s.paired_bootstrap([1, 0], [1, 1], n_boot=5); "
+            "print(sorted(m for m in ('scipy', 'torch', 'transformers', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

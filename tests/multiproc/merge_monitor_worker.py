@@ -1,6 +1,6 @@
 """Worker launched by tests/test_callbacks_multiprocess.py with torchrun (2 processes, gloo, CPU).
 
-Trains the tiny BERT with a plain Trainer under DDP with MergeMonitorCallback (every step, evaluation
+Trains the tiny BERT with SAFTTrainer (ASAM) under DDP with MergeMonitorCallback (every step, evaluation
 and best-checkpoint selection every 2 steps) and writes, per rank, OUT/rank<r>.json (evaluator
 calls, monitor log entries, best checkpoint, global step) and OUT/final_rank<r>.pt (final weights).
 
@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from multiproc.tiny_bert import MergedEvaluator, TokenDataset, encoder_state, eval_tasks, perturbed_encoder, tiny_bert  # noqa: E402
-from saft_hf import MergeMonitorCallback  # noqa: E402
+from saft_hf import MergeMonitorCallback, SAFTTrainer, SAFTTrainingArguments  # noqa: E402
 
 
 class SlowEvaluator(MergedEvaluator):
@@ -30,8 +30,6 @@ class SlowEvaluator(MergedEvaluator):
 
 
 def main():
-    from transformers import Trainer, TrainingArguments
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     out = parser.parse_args().out
@@ -40,17 +38,19 @@ def main():
     other = os.path.join(out, "other_task")
     if int(os.environ.get("RANK", 0)) == 0:
         perturbed_encoder(theta0, seed=1).save_pretrained(other)
-    torch.distributed.init_process_group("gloo") if not torch.distributed.is_initialized() else None
+    if not torch.distributed.is_initialized():  # early, so rank 1 can wait for rank 0's checkpoint
+        torch.distributed.init_process_group("gloo")
     torch.distributed.barrier()
     evaluator = SlowEvaluator(model, eval_tasks())
     cb = MergeMonitorCallback({"other": other}, evaluator, every_n_steps=1, pretrained=theta0,
                               finetuned_accuracy={"task_a": 0.75, "task_b": 0.6})
-    args = TrainingArguments(
+    args = SAFTTrainingArguments(
         output_dir=os.path.join(out, "trainer"), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2,
         lr_scheduler_type="constant", use_cpu=True, report_to="none", logging_steps=2, eval_strategy="steps",
         eval_steps=2, save_strategy="steps", save_steps=2, load_best_model_at_end=True,
-        metric_for_best_model="merged_mean_normalized", seed=3, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(seed=1), eval_dataset=TokenDataset(n=8, seed=9),
+        metric_for_best_model="merged_mean_normalized", seed=3, disable_tqdm=True,
+        sam_rho=0.5, sam_adaptive=True)
+    trainer = SAFTTrainer(model=model, args=args, train_dataset=TokenDataset(seed=1), eval_dataset=TokenDataset(n=8, seed=9),
                       callbacks=[cb])
     trainer.train()
     rank = trainer.args.process_index
