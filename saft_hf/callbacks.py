@@ -271,9 +271,10 @@ class MergeMonitorCallback(TrainerCallback):
                 self._check_supported(trainer)
                 payload = {"metrics": self._merge_and_evaluate(model)}
             except Exception as exc:  # tell the waiting ranks, then fail everywhere
-                payload = {"error": f"{type(exc).__name__}: {exc}"}
                 if not _distributed():
                     raise
+                logger.exception("MergeMonitorCallback failed on rank 0 at step %d", state.global_step)
+                payload = {"error": f"{type(exc).__name__}: {exc}"}
             now = time.perf_counter()
             payload["seconds"] = now - start
             # rank 0's clock for every rank, so all ranks log identical values
