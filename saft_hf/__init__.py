@@ -11,9 +11,11 @@ _LAZY = {
     "SAFTSeq2SeqTrainer": "saft_hf.trainer",
     "SAFTTrainingArguments": "saft_hf.args",
     "SAFTSeq2SeqTrainingArguments": "saft_hf.args",
+    "MergeMonitorCallback": "saft_hf.callbacks",
 }
+_LAZY_MODULES = ("stats",)  # `saft_hf.stats.paired_bootstrap(...)` without importing numpy up front
 
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = sorted(_LAZY) + list(_LAZY_MODULES) + ["__version__"]
 
 
 def __getattr__(name):
@@ -23,4 +25,8 @@ def __getattr__(name):
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if name in _LAZY_MODULES:
+        import importlib
+
+        return importlib.import_module(f"saft_hf.{name}")
     raise AttributeError(f"module 'saft_hf' has no attribute {name!r}")
