@@ -38,8 +38,6 @@ from .live_taskvector import live_task_vector
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("task_arithmetic", "ties", "weighted_average")
-DEFAULT_PARAMS = {"task_arithmetic": {"scaling": 0.4}, "ties": {"scaling": 1.0, "density": 0.2}, "weighted_average": {}}
 
 
 def _distributed() -> bool:
@@ -58,14 +56,15 @@ class MergeMonitorCallback(TrainerCallback):
             (keyed like `pretrained`), or an object with such an `evaluate` method. It owns the
             model it loads the weights into. Called on rank 0 only.
         every_n_steps: run after every N-th optimizer step (0 = only at evaluation).
-        methods: merge methods among "task_arithmetic", "ties", "weighted_average"; the first
+        methods: registered merge methods (`saft_hf.merging.registry.method_names()`); the first
             one also provides `merged_mean_*` (the metric for best-model selection).
         pretrained: the pretrained weights (state dict, or a checkpoint path loaded once, on rank 0
             only, at the first call); its floating-point keys define the task vector. They may be
             those of a submodule (e.g. the encoder of a model with a head): the prefix is inferred.
         finetuned_accuracy: {task: accuracy of that task's individually fine-tuned model}; gives
             the normalized accuracy (merged / fine-tuned). Without it only absolute accuracy is logged.
-        method_params: {method: kwargs} overriding DEFAULT_PARAMS (e.g. {"task_arithmetic": {"scaling": 0.3}}).
+        method_params: {method: params} overriding the method's registered defaults
+            (e.g. {"task_arithmetic": {"scaling": 0.3}}); validated by the registry.
         max_examples: passed as `evaluator(state_dict, max_examples=...)` when not None.
         model_prefix: how pretrained keys are named inside the training model (inferred if None).
         current_name: name of the task being trained (only used in merge notes/errors).
@@ -83,18 +82,19 @@ class MergeMonitorCallback(TrainerCallback):
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
             raise ValueError(f"every_n_steps must be an integer >= 0 (0 = only at evaluation), got {every_n_steps!r}")
         methods = (methods,) if isinstance(methods, str) else tuple(methods)
+        from .merging import registry
+
         if not methods:
-            raise ValueError("methods is empty; give at least one of " + ", ".join(METHODS))
-        unknown = [m for m in methods if m not in METHODS]
+            raise ValueError("methods is empty; give at least one of " + ", ".join(registry.method_names()))
+        unknown = [m for m in methods if m not in registry.method_names()]
         if unknown:
-            raise ValueError(f"unknown merge method(s) {unknown}; choose among {list(METHODS)}")
+            raise ValueError(f"unknown merge method(s) {unknown}; choose among {registry.method_names()}")
         method_params = dict(method_params or {})
         extra = [m for m in method_params if m not in methods]
         if extra:
             raise ValueError(f"method_params given for {extra}, which are not in methods={list(methods)}")
-        self.params = {m: {**DEFAULT_PARAMS[m], **dict(method_params.get(m, {}))} for m in methods}
-        if "weighted_average" in self.params and self.params["weighted_average"]:
-            raise ValueError("weighted_average takes no parameters (it is task arithmetic with scaling 1/T)")
+        # validated now (types, ranges); per-task lengths are checked at the first merge
+        self.params = {m: registry.validate_params(m, dict(method_params.get(m, {}))) for m in methods}
         self._evaluate = self._as_evaluator(evaluator)
         self.others_spec = self._check_others(other_task_vectors)
         if pretrained is None:
@@ -222,7 +222,7 @@ class MergeMonitorCallback(TrainerCallback):
     # ------------------------------------------------------------------ the measurement
     def _merge_and_evaluate(self, model) -> dict[str, float]:
         from .evaluation import normalized_accuracy
-        from .merging import task_arithmetic, ties_merging
+        from .merging import merge
         from .merging.taskvectors import DictTaskVector
 
         self._load_inputs()
@@ -231,12 +231,7 @@ class MergeMonitorCallback(TrainerCallback):
         metrics: dict[str, float] = {}
         for i, method in enumerate(self.methods):
             params = self.params[method]
-            if method == "task_arithmetic":
-                merged = task_arithmetic(self._pretrained, tvs, **params)
-            elif method == "ties":
-                merged = ties_merging(self._pretrained, tvs, **params)
-            else:  # weighted average of the fine-tuned models = theta0 + mean of task vectors
-                merged = task_arithmetic(self._pretrained, tvs, scaling=1.0 / len(tvs))
+            merged = merge(method, self._pretrained, tvs, **params)
             with torch.no_grad():
                 acc = self._evaluate(merged) if self.max_examples is None else self._evaluate(merged, max_examples=self.max_examples)
             del merged
