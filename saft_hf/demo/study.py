@@ -313,7 +313,7 @@ def _float_state(encoder) -> dict[str, torch.Tensor]:
 
 @dataclass
 class DiagnosticsContext:
-    """What the study hands to `saft_hf.analysis.demo_diagnostics.run(context, output_dir)`:
+    """What the study hands to `saft_hf.demo.diagnostics.run(context, output_dir)`:
     the pretrained encoder, tokenizer, frozen heads, tokenized validation splits, and per
     (seed, method) the fine-tuned checkpoint directories by task."""
     pretrained_encoder: torch.nn.Module
@@ -330,7 +330,7 @@ def run_diagnostics(context: DiagnosticsContext, output_dir: Path, enabled: bool
     On by default in the full run, off with `--quick` or `--no-analysis`."""
     if not enabled:
         return {"status": "skipped (enable with --analysis)"}
-    from saft_hf.analysis import demo_diagnostics
+    from saft_hf.demo import diagnostics as demo_diagnostics
     result = demo_diagnostics.run(context, output_dir / "diagnostics")
     return {"status": "done", **(result or {})}
 

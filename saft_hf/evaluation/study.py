@@ -110,11 +110,10 @@ def run_merge_study(model_pool: ModelPool, task_pool: TaskPool, methods: Sequenc
                        f"task pool tasks: {task_pool.tasks}")
     theta0 = model_pool.pretrained_state_dict()
     result: dict = {"tasks": list(tasks), "label": label}
-    if zero_shot:
-        result["zero_shot"] = summarize(task_pool.evaluate(theta0, test_split, tasks, test_max_examples))
-
     finetuned = {t: model_pool.finetuned_state_dict(t) for t in tasks}
     ind = _individual_scores(individual, model_pool, task_pool, finetuned, test_split, test_max_examples)
+    if zero_shot:
+        result["zero_shot"] = summarize(task_pool.evaluate(theta0, test_split, tasks, test_max_examples), ind)
     result["individual"] = summarize(ind, ind)
     search_reference = model_pool.recorded_scores("validation")  # None: rank grid points by absolute score
     result["search_score"] = "mean normalized validation score" if search_reference else "mean absolute validation score"
