@@ -264,3 +264,25 @@ def test_analyze_vision_family(vision_runs, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["probe"]["tasks"] == list(VISION_TASKS) and summary["probe"]["examples"] == {"eurosat": 8, "dtd": 8}
     assert json.loads((out / "plane_two-task.json").read_text())["ASAM"]["tasks"] == list(VISION_TASKS)
+
+
+def test_saft_hf_evaluate_merge_study_runs_the_driver(glue_runs, vision_runs, tmp_path):
+    from saft_hf.cli import main
+
+    root, data = glue_runs
+    out = tmp_path / "glue_study"
+    assert main(["evaluate", "glue", "--model", str(root / "base"), "--merge_study", "--tasks", *GLUE_TASKS,
+                 "--finetuned_root", str(root / "runs"), "--data", *[f"{t}={p}" for t, p in data.items()],
+                 "--batch_size", "16", "--device", "cpu", "--output_dir", str(out)]) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved["methods"]) == ["weighted_average", "task_arithmetic", "task_arithmetic_fixed", "ties"]
+    assert len(saved["methods"]["ties"]["search"]["points"]) == 18  # the paper grid: 6 alphas x 3 densities
+
+    root, clip, data = vision_runs
+    out = tmp_path / "vision_study"
+    assert main(["evaluate", "vision", "--merge-study", *[str(root / "runs" / t) for t in VISION_TASKS],
+                 "--data", *[f"{t}={p}" for t, p in data.items()], "--head-cache-dir", str(root / "heads"),
+                 "--search-max-samples", "8", "--max-samples", "8", "--device", "cpu",
+                 "--output-dir", str(out)]) == 0
+    assert set(json.loads((out / "merge_study.json").read_text())["rows"]) >= {"task_arithmetic", "ties"}
+    assert (out / "results.md").exists()

@@ -26,8 +26,8 @@ FINETUNED_ACCURACY_FILE = "finetuned_accuracy.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="HF directory (or Hub name) of the image encoder to evaluate: fine-tuned, merged, or a "
+    parser.add_argument("--model", default=None,
+                        help="(required unless --merge-study) HF directory (or Hub name) of the image encoder to evaluate: fine-tuned, merged, or a "
                              "full CLIP checkpoint for zero-shot accuracy")
     parser.add_argument("--tasks", nargs="+", default=list(PAPER_TASKS), metavar="TASK",
                         help=f"tasks to evaluate (default: the paper's 8: {' '.join(PAPER_TASKS)})")
@@ -48,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     parser.add_argument("--head-cache-dir", default=None, help="zero-shot head cache directory")
     parser.add_argument("--name", default=None, help="row name in the Markdown table (default: the model path)")
+    parser.add_argument("--merge-study", nargs="+", default=None, metavar="RUN_DIR",
+                        help="instead of --model: merge these fine-tuning runs (one per task) with every study method "
+                             "(shared driver: search on validation, test scores, absolute + normalized) into "
+                             "--output-dir (results.json / .md / .png, merge_study.json / .md)")
+    parser.add_argument("--search-max-samples", type=int, default=None,
+                        help="--merge-study: validation examples per task for the coefficient search")
     parser.add_argument("--output-dir", default=None,
                         help="write report.json and report.md here (default: print only)")
 
@@ -124,6 +130,10 @@ def run(args: argparse.Namespace) -> int:
     from saft_hf.io_utils import write_json_atomic, write_text_atomic
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.merge_study:
+        return _run_merge_study(args)
+    if not args.model:
+        raise SystemExit("saft-hf evaluate vision: give --model DIR (or --merge-study RUN_DIR ...)")
     finetuned = read_finetuned_accuracy(args.finetuned_accuracy, args.split) if args.finetuned_accuracy else None
     report = evaluate_vision_model(
         args.model, args.tasks, args.base_model, _parse_data(args.data), args.split, finetuned, args.linearized,
@@ -137,3 +147,15 @@ def run(args: argparse.Namespace) -> int:
         write_text_atomic(out / "report.md", table)
         print(f"wrote {out / 'report.json'} and {out / 'report.md'}")
     return 0
+
+
+def _run_merge_study(args: argparse.Namespace) -> int:
+    from saft_hf.vision.merge_study import run_merge_study
+
+    if not args.output_dir:
+        raise SystemExit("saft-hf evaluate vision --merge-study: give --output-dir")
+    report = run_merge_study(args.merge_study, args.output_dir, args.base_model, data_paths=_parse_data(args.data),
+                             search_max_samples=args.search_max_samples, test_max_samples=args.max_samples,
+                             head_cache_dir=args.head_cache_dir, batch_size=args.batch_size, device=args.device)
+    print((Path(args.output_dir) / "merge_study.md").read_text())
+    return 0 if report["rows"] else 1
