@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if not hasattr(mod, "add_evaluate_arguments"):
             continue
         doc = (getattr(mod, "EVALUATE_HELP", None) or "").strip()
-        p = sub.add_parser(family, help=doc or None, description=doc or None,
+        p = sub.add_parser(family, help=doc.splitlines()[0] if doc else None, description=doc or None,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_evaluate_arguments(p)
         p.set_defaults(_family_module=module)

@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import Iterable
 
+from saft_hf.pools import SCORE_FILE, SCORE_SCHEMA, find_score_file, read_finetuned_scores
 from saft_hf.tasks.vision import PAPER_TASKS, VISION_TASKS
 
 logger = logging.getLogger(__name__)
@@ -65,12 +66,16 @@ def read_finetuned_accuracy(sources: Iterable[str], split: str = "test") -> dict
     for source in sources:
         path = Path(source)
         if path.is_dir():
-            path = path / FINETUNED_ACCURACY_FILE
+            found = find_score_file(path)
+            path = found if found is not None else path / FINETUNED_ACCURACY_FILE
         if not path.is_file():
             raise FileNotFoundError(f"fine-tuned accuracy file {path} not found (the fine-tuning recipe writes "
-                                    f"{FINETUNED_ACCURACY_FILE} into its output directory)")
+                                    f"{SCORE_FILE} and {FINETUNED_ACCURACY_FILE} into its output directory)")
         data = json.loads(path.read_text())
-        if isinstance(data, dict) and "task" in data and key in data:
+        if isinstance(data, dict) and data.get("schema") == SCORE_SCHEMA:  # the unified score file
+            record = read_finetuned_scores(path)
+            references[record.task] = record.score(split)
+        elif isinstance(data, dict) and "task" in data and key in data:
             references[data["task"]] = float(data[key])
         elif isinstance(data, dict) and all(isinstance(v, (int, float)) for v in data.values()):
             references.update({k: float(v) for k, v in data.items()})
@@ -95,9 +100,8 @@ def _parse_data(items: list[str]) -> dict[str, str]:
 
 
 def _recorded_base_model(model: str) -> str | None:
-    path = Path(model) / FINETUNED_ACCURACY_FILE
-    if path.is_file():
-        return json.loads(path.read_text()).get("base_model")
+    if Path(model).is_dir() and find_score_file(model) is not None:
+        return read_finetuned_scores(model).base_model
     return None
 
 
