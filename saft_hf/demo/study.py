@@ -26,12 +26,12 @@ import torch
 
 from saft_hf.demo import data as demo_data
 from saft_hf.demo import model as demo_model
+from saft_hf.demo.pools import DemoTaskPool
 from saft_hf.demo.sources import SOURCES, SourceUnavailable, default_cache_dir, ensure_source, verify_manifest
 from saft_hf.evaluation import summarize
-from saft_hf.demo.pools import DemoTaskPool
 from saft_hf.heads import ZeroShotHead
-from saft_hf.pools import InMemoryModelPool
 from saft_hf.io_utils import atomic_directory, write_json_atomic
+from saft_hf.pools import InMemoryModelPool
 from saft_hf.tasks.text_demo import DEFAULT_TASKS, TextTask, get_task
 
 METHODS = {"adamw": 0.0, "asam": None}  # sam_rho per method; None = the config's asam_rho

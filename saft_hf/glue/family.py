@@ -25,10 +25,7 @@ def build_probe(args: argparse.Namespace, tasks: list[str], checkpoints: dict[st
     first decoded token's logits of each label word (`LabelWordHead`), so its loss is the seq2seq loss
     of the label words over the task's classes and its accuracy the label-word choice."""
     from saft_hf.analysis.probe import TaskProbe
-    from saft_hf.glue.data import load_glue_split, tokenize_split
-    from saft_hf.glue.predict import load_seq2seq_model
     from saft_hf.tasks.glue import get_task
-    from transformers import AutoTokenizer
 
     data_paths = {}
     for item in args.data or []:
@@ -36,14 +33,12 @@ def build_probe(args: argparse.Namespace, tasks: list[str], checkpoints: dict[st
         if not sep:
             raise ValueError(f"--data expects TASK=PATH, got {item!r}")
         data_paths[get_task(task).name] = path
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.pretrained)
-    model = load_seq2seq_model(args.pretrained)
+    pool = GlueTaskPool(tasks, args.pretrained, tokenizer=args.tokenizer, data_paths=data_paths or None,
+                        max_source_length=args.max_source_length, device="cpu")
     token_ids = {}
-    for name in tasks:
-        task = get_task(name)
-        raw = load_glue_split(task, args.split, data_paths.get(task.name))
-        encoded = tokenize_split(task, raw, tokenizer, max_source_length=args.max_source_length, with_targets=False)
-        token_ids[task.name] = (encoded["input_ids"], encoded["reference"])
-    return TaskProbe.from_token_ids(model, label_word_heads(tokenizer, list(token_ids)), token_ids,
-                                    pad_id=tokenizer.pad_token_id or 0, subset_size=args.subset_size, seed=args.seed,
-                                    batch_size=args.batch_size, features=first_step_logits)
+    for name in pool.tasks:
+        encoded = pool.evaluator(args.split, [name]).encoded[name]
+        token_ids[name] = (encoded["input_ids"], encoded["reference"])
+    return TaskProbe.from_token_ids(pool.model, label_word_heads(pool.tokenizer, pool.tasks), token_ids,
+                                    pad_id=pool.tokenizer.pad_token_id or 0, subset_size=args.subset_size,
+                                    seed=args.seed, batch_size=args.batch_size, features=first_step_logits)
