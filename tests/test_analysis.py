@@ -475,7 +475,7 @@ def test_cli_analyze_with_probe_factory(tmp_path, monkeypatch):
 
 
 def test_demo_diagnostics_hook(tmp_path):
-    from saft_hf.analysis import demo_diagnostics
+    from saft_hf.demo import diagnostics as demo_diagnostics
     from saft_hf.demo.model import TokenizedSplit
     from saft_hf.demo.study import DiagnosticsContext
 

@@ -148,3 +148,40 @@ def test_study_needs_two_available_tasks(tiny_model_dir, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="at least 2") as err:
         study.run_study(cfg)
     assert "npm is not installed" in str(err.value)
+
+
+# Recorded with the demo's own merge code (before the shared study driver, commit 7820385) on the
+# configuration `_config` builds: the driver must reproduce every number, coefficient and search score.
+EXPECTED_SEED0 = {
+    "zero_shot": {"color": 0.75, "mood": 1.0},
+    "logit_scale": 50.0,
+    "adamw": {"individual": {"color": 1.0, "mood": 0.75}, "merges": {
+        "weighted_average": ({"color": 0.9375, "mood": 1.0}, 0.5, None),
+        "task_arithmetic": ({"color": 0.9375, "mood": 1.0}, 0.5, {"0.5": 1.0, "1.0": 1.0}),
+        "task_arithmetic_fixed": ({"color": 0.8125, "mood": 1.0}, 0.4, None),
+        "ties": ({"color": 0.8125, "mood": 1.0}, 1.0, {"1.0": 1.0})}},
+    "asam": {"individual": {"color": 1.0, "mood": 0.5}, "merges": {
+        "weighted_average": ({"color": 1.0, "mood": 0.5}, 0.5, None),
+        "task_arithmetic": ({"color": 1.0, "mood": 0.5}, 0.5, {"0.5": 0.8333333432674408, "1.0": 0.8333333432674408}),
+        "task_arithmetic_fixed": ({"color": 0.9375, "mood": 0.5}, 0.4, None),
+        "ties": ({"color": 1.0, "mood": 1.0}, 1.0, {"1.0": 1.0})}},
+}
+
+
+def test_study_numbers_match_the_recorded_pre_driver_run(tiny_model_dir, tmp_path):
+    result = study.run_study(_config(tiny_model_dir, tmp_path))
+    saved = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert saved["zero_shot"]["absolute"] == EXPECTED_SEED0["zero_shot"]
+    assert saved["logit_scale"]["chosen"] == EXPECTED_SEED0["logit_scale"]
+    for method in ("adamw", "asam"):
+        got = saved["runs"]["0"]["methods"][method]
+        want = EXPECTED_SEED0[method]
+        assert got["individual"]["absolute"] == want["individual"]
+        assert list(got["merges"]) == list(want["merges"])  # same methods, same order
+        for merge, (absolute, coefficient, search) in want["merges"].items():
+            row = got["merges"][merge]
+            assert row["absolute"] == absolute, (method, merge)
+            assert row["coefficient"] == coefficient, (method, merge)
+            assert row.get("validation_search") == search, (method, merge)
+            assert row["normalized"] == {t: absolute[t] / want["individual"][t] for t in absolute}
+    assert list(result["summary"]) == list(saved["summary"])

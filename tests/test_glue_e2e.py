@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from saft_hf.glue.finetune import parse_glue_arguments, run_glue_finetuning
-from saft_hf.glue.testing import tiny_t5, tiny_tokenizer, write_tiny_glue
+from saft_hf.testing.glue import tiny_t5, tiny_tokenizer, write_tiny_glue
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "recipes" / "flan_t5_glue" / "configs"

@@ -7,7 +7,7 @@ import torch
 from saft_hf.glue.data import MalformedGlueData, load_glue_split, resolve_split, tokenize_split, validate_rows
 from saft_hf.glue.finetune import parse_glue_arguments, read_finetuned_score, yaml_to_argv
 from saft_hf.glue.predict import load_state_dict_into, score_generations, tied_parameter_groups
-from saft_hf.glue.testing import tiny_glue_dataset_dict, tiny_t5, tiny_tokenizer
+from saft_hf.testing.glue import tiny_glue_dataset_dict, tiny_t5, tiny_tokenizer
 from saft_hf.tasks.glue import (
     GLUE8_TASKS,
     GLUE_TASKS,
@@ -223,7 +223,7 @@ def test_hub_is_the_default_source(monkeypatch):
 def test_evaluator_runs_every_glue_task(tmp_path):
     """All 8 tasks through the generation-based evaluator on a random tiny T5: every metric is reported."""
     from saft_hf.glue.predict import make_glue_evaluator
-    from saft_hf.glue.testing import write_tiny_glue
+    from saft_hf.testing.glue import write_tiny_glue
 
     tok = tiny_tokenizer()
     paths = write_tiny_glue(tmp_path, GLUE8_TASKS, train_size=2, validation_size=6)

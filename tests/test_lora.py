@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from saft_hf.finetuning.lora import LoraArguments, apply_lora, build_lora_config, is_peft_model, save_lora_adapter
-from saft_hf.glue.testing import tiny_t5, tiny_tokenizer
+from saft_hf.testing.glue import tiny_t5, tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +51,7 @@ def test_saft_perturbs_and_updates_only_adapters(tok, tmp_path):
 
     from saft_hf import SAFTSeq2SeqTrainer, SAFTSeq2SeqTrainingArguments
     from saft_hf.glue.data import tokenize_split
-    from saft_hf.glue.testing import tiny_glue_dataset_dict
+    from saft_hf.testing.glue import tiny_glue_dataset_dict
     from saft_hf.tasks.glue import get_task
 
     model = apply_lora(tiny_t5(tok, d_model=16), LoraArguments(lora_r=2, lora_dropout=0.0))

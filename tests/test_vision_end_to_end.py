@@ -12,7 +12,7 @@ from saft_hf import cli as saft_cli
 from saft_hf.merging import search_coefficients, task_arithmetic, task_vector
 from saft_hf.vision.evaluate import make_vision_evaluator
 from saft_hf.vision.model import load_vision_encoder
-from saft_hf.vision.tiny import build_tiny_setup
+from saft_hf.testing.vision import build_tiny_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "clip_vision"

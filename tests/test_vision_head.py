@@ -8,7 +8,7 @@ from transformers import AutoTokenizer, CLIPModel
 
 from saft_hf.tasks.vision import get_vision_task
 from saft_hf.vision.model import build_zero_shot_head, head_cache_path
-from saft_hf.vision.tiny import build_tiny_clip
+from saft_hf.testing.vision import build_tiny_clip
 
 
 @pytest.fixture(scope="module")

@@ -7,32 +7,44 @@ normalized), next to the zero-shot and individually fine-tuned accuracies.
     python recipes/clip_vision/merge_and_evaluate.py runs/clip_vision/ViT-B-32/asam/full/{cars,dtd,...} \
         --output-dir reports/ViT-B-32/asam/full
 
-Writes OUTPUT_DIR/merge_study.json and merge_study.md. The logic lives in `saft_hf.vision.merge_study`.
+Options may also come from `--config FILE.yaml` (the command line overrides it; unknown keys are
+rejected). Writes OUTPUT_DIR/merge_study.json and merge_study.md, plus the shared study driver's
+results.json / results.md / results.png. The logic lives in `saft_hf.vision.merge_study`, which runs
+`saft_hf.evaluation.study` on the vision task and model pools.
 """
-import argparse
 import logging
 import sys
+from dataclasses import dataclass, field
 
+from saft_hf.recipe_args import parse_recipe_args
 from saft_hf.vision.merge_study import METHODS, run_merge_study
 
 
+@dataclass
+class MergeStudyArguments:
+    output_dir: str = field(metadata={"help": "where the reports go"})
+    runs: list[str] = field(default_factory=list,
+                            metadata={"help": "fine-tuning output directories, one per task (also positional)"})
+    pretrained: str = field(default=None, metadata={"help": "base CLIP (default: base_model recorded by the runs)"})
+    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"choices": list(METHODS)})
+    fixed_scaling: float = field(default=0.4, metadata={
+        "help": "also report task arithmetic at this alpha (paper table 6 uses 0.4); negative to skip"})
+    data: list[str] = field(default_factory=list, metadata={"help": "local datasets per task, TASK=PATH"})
+    search_max_samples: int = field(default=None, metadata={
+        "help": "validation examples per task used by the coefficient search (default: all, <= 5000)"})
+    test_max_samples: int = field(default=None)
+    head_cache_dir: str = field(default=None)
+    batch_size: int = field(default=128)
+    device: str = field(default=None)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("runs", nargs="+", help="fine-tuning output directories, one per task")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--pretrained", default=None, help="base CLIP (default: base_model recorded by the runs)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--fixed-scaling", type=float, default=0.4, help="also report task arithmetic at this alpha "
-                        "(paper table 6 uses 0.4); negative to skip")
-    parser.add_argument("--data", nargs="*", default=[], metavar="TASK=PATH", help="local datasets per task")
-    parser.add_argument("--search-max-samples", type=int, default=None,
-                        help="validation examples per task used by the coefficient search (default: all, <= 5000)")
-    parser.add_argument("--test-max-samples", type=int, default=None)
-    parser.add_argument("--head-cache-dir", default=None)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--device", default=None)
-    args = parser.parse_args(argv)
+    (args,) = parse_recipe_args((MergeStudyArguments,), argv, positional="runs", required=("runs",),
+                                description=__doc__.splitlines()[1])
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    bad = [item for item in args.data if "=" not in item]
+    if bad:
+        raise SystemExit(f"--data expects TASK=PATH items, got {bad}")
     data = dict(item.split("=", 1) for item in args.data)
     report = run_merge_study(args.runs, args.output_dir, args.pretrained, args.methods,
                              args.fixed_scaling if args.fixed_scaling >= 0 else None, data,

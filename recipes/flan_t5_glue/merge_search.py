@@ -4,43 +4,51 @@
     python recipes/flan_t5_glue/merge_search.py --pretrained google/flan-t5-base \
         --finetuned_root runs/flan_t5_glue/asam --tasks cola mrpc rte sst2 --output runs/flan_t5_glue/merged_asam
 
-Each run dir (full model or LoRA adapter) must hold glue_scores.json (written by finetune.py):
-grid points are ranked by mean normalized validation score. Writes the merged model at the best
-point (HF model dir, model card, merge config) and search.json. Logic: saft_hf.glue.search.
+Each run dir (full model or LoRA adapter) must hold glue_scores.json / finetuned_scores.json (written
+by finetune.py): grid points are ranked by mean normalized validation score. Writes the merged model
+at the best point of `--method` (HF model dir, model card, merge config) and search.json.
+With `--study`: every study method (weighted average, task arithmetic searched and at alpha 0.4,
+TIES searched) through the shared study driver, reported in OUTPUT/results.{json,md,png}.
+Options may also come from `--config FILE.yaml` (the command line overrides it; unknown keys are
+rejected). Logic: saft_hf.glue.search.
 """
-import argparse
 import json
 import logging
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from saft_hf.glue.finetune import read_finetuned_score
-from saft_hf.glue.search import search_glue_merge
-from saft_hf.merging import registry
-from saft_hf.merging.search import default_grid
+from saft_hf.glue.search import run_glue_merge_study, search_glue_merge
+from saft_hf.pools import read_finetuned_scores
+from saft_hf.recipe_args import parse_recipe_args
 from saft_hf.tasks.glue import GLUE_HUB_DATASET, GLUE_TASKS, PAPER_TASKS, SCORE_KINDS
 
+METHODS = ["task_arithmetic", "ties", "dare_task_arithmetic", "dare_ties"]
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pretrained", default="google/flan-t5-base", help="base model: local dir or Hub name")
-    p.add_argument("--finetuned_root", required=True, help="FINETUNED_ROOT/<task> = one fine-tuned run per task")
-    p.add_argument("--tasks", nargs="+", default=list(PAPER_TASKS), choices=sorted(GLUE_TASKS))
-    p.add_argument("--output", required=True, help="output directory for the merged model")
-    p.add_argument("--method", default="task_arithmetic", choices=registry.search_names(),
-                   help="a registered merge method, or a DARE alias (dare_task_arithmetic, dare_ties)")
-    p.add_argument("--alphas", nargs="+", type=float, default=None, help="scaling grid (default: paper's 0.1 .. 1.0)")
-    p.add_argument("--densities", nargs="+", type=float, default=None, help="TIES density grid (default 0.3 0.2 0.1)")
-    p.add_argument("--drop_rates", nargs="+", type=float, default=None, help="DARE grid (default 0.1 .. 0.9)")
-    p.add_argument("--data_root", default=None, help="local data DATA_ROOT/<task> instead of the Hub")
-    p.add_argument("--dataset_name", default=GLUE_HUB_DATASET)
-    p.add_argument("--max_samples", type=int, default=None, help="seeded validation subset per task for the search")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--max_new_tokens", type=int, default=5)
-    p.add_argument("--score", default="default", choices=list(SCORE_KINDS))
-    p.add_argument("--device", default=None)
-    p.add_argument("--overwrite", action="store_true")
-    return p.parse_args(argv)
+
+@dataclass
+class GlueMergeArguments:
+    finetuned_root: str = field(metadata={"help": "FINETUNED_ROOT/<task> = one fine-tuned run per task"})
+    output: str = field(metadata={"help": "output directory for the merged model (or the study report)"})
+    pretrained: str = field(default="google/flan-t5-base", metadata={"help": "base model: local dir or Hub name"})
+    tasks: list[str] = field(default_factory=lambda: list(PAPER_TASKS), metadata={"choices": sorted(GLUE_TASKS)})
+    method: str = field(default="task_arithmetic", metadata={"choices": METHODS})
+    study: bool = field(default=False, metadata={"help": "run every study method (shared driver) instead of one"})
+    alphas: list[float] = field(default=None, metadata={"help": "scaling grid (default: paper's 0.1 .. 1.0)"})
+    densities: list[float] = field(default=None, metadata={"help": "TIES density grid (default 0.3 0.2 0.1)"})
+    drop_rates: list[float] = field(default=None, metadata={"help": "DARE grid (default 0.1 .. 0.9)"})
+    data_root: str = field(default=None, metadata={"help": "local data DATA_ROOT/<task> instead of the Hub"})
+    dataset_name: str = field(default=GLUE_HUB_DATASET)
+    max_samples: int = field(default=None, metadata={"help": "seeded validation subset per task for the search"})
+    batch_size: int = field(default=64)
+    max_new_tokens: int = field(default=5)
+    score: str = field(default="default", metadata={"choices": list(SCORE_KINDS)})
+    device: str = field(default=None)
+    overwrite: bool = field(default=False)
+
+
+def parse_args(argv=None) -> GlueMergeArguments:
+    return parse_recipe_args((GlueMergeArguments,), argv, description=__doc__.splitlines()[1])[0]
 
 
 def main(argv=None) -> int:
@@ -48,15 +56,22 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     root = Path(args.finetuned_root)
     finetuned = {t: str(root / t) for t in args.tasks}
-    scores = {t: read_finetuned_score(root / t, t) for t in args.tasks}
-    searched = default_grid(args.method)  # the grid flags apply to the parameters this method searches
-    grid = {k: v for k, v in (("scaling", args.alphas), ("density", args.densities), ("drop_rate", args.drop_rates))
-            if v is not None and k in searched}
     data_paths = {t: str(Path(args.data_root) / t) for t in args.tasks} if args.data_root else None
+    common = dict(dataset_name=args.dataset_name, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                  score=args.score)
+    if args.study:
+        result = run_glue_merge_study(args.pretrained, finetuned, args.output, alphas=args.alphas,
+                                      densities=args.densities, data_paths=data_paths,
+                                      search_max_samples=args.max_samples, device=args.device, **common)
+        print(json.dumps({name: {"params": row["params"], "normalized_mean": row["normalized_mean"]}
+                          for name, row in result["methods"].items()}))
+        return 0
+    scores = {t: read_finetuned_scores(root / t, t).score("validation") for t in args.tasks}
+    grid = {k: v for k, v in (("scaling", args.alphas), ("density", args.densities), ("drop_rate", args.drop_rates))
+            if v is not None and (k != "density" or "ties" in args.method) and (k != "drop_rate" or "dare" in args.method)}
     result = search_glue_merge(args.pretrained, finetuned, args.output, method=args.method, grid=grid or None,
                                finetuned_scores=scores, data_paths=data_paths, max_samples=args.max_samples,
-                               overwrite=args.overwrite, device=args.device, dataset_name=args.dataset_name,
-                               batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, score=args.score)
+                               overwrite=args.overwrite, device=args.device, **common)
     print(json.dumps({"best_params": result["best_params"], "best_score": result["search"]["best"]["score"]}))
     return 0
 

@@ -10,9 +10,10 @@ or discovered under a root laid out as <method>[-seedN]/<task>/ (what `saft-hf d
 
     saft-hf analyze --pretrained BASE --checkpoints-root ~/.cache/saft_hf/demo/checkpoints/<hash> --output out/
 
-The evaluation data and frozen heads come from a task family: `--family demo` uses the demo's text
-tasks (saft_hf.demo data loaders and zero-shot heads); `--probe-factory module:function` calls your
-own `function(pretrained_path, tasks) -> TaskProbe` for anything else.
+The evaluation data and frozen heads come from a task family: `--family demo|vision|glue` builds the
+family's probe (saft_hf.<family>.family.build_probe); `--probe-factory module:function` calls your
+own `function(pretrained_path, tasks) -> TaskProbe` for anything else. (This module is core: the
+command-line layer, saft_hf.commands.analyze, adds --family and passes the family's probe builder.)
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Callable
 
 from saft_hf.analysis.run import ANALYSES
 
@@ -37,16 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoints-root", default=None,
                         help="directory laid out as <method>[-seedN]/<task>/ with HF checkpoints (first seed is used)")
     parser.add_argument("--output", required=True, help="output directory for JSON and plots")
-    parser.add_argument("--family", default="demo", choices=["demo"],
-                        help="task family that provides evaluation data and heads (ignored with --probe-factory)")
     parser.add_argument("--probe-factory", default=None, metavar="MODULE:FUNCTION",
                         help="build the probe in Python: FUNCTION(pretrained_path, tasks) -> saft_hf.analysis.TaskProbe")
-    parser.add_argument("--cache-dir", default=None, help="demo family: data cache (default as `saft-hf demo`)")
     parser.add_argument("--split", default="validation", choices=["validation", "test"],
-                        help="demo family: which split the evaluation subsets come from")
-    parser.add_argument("--logit-scale", type=float, default=None,
-                        help="demo family: head logit scale (default: read from the checkpoints' training record)")
-    parser.add_argument("--max-length", type=int, default=None, help="demo family: max tokens (default: from the record)")
+                        help="which split the evaluation subsets come from")
     parser.add_argument("--analyses", nargs="+", default=list(ANALYSES), choices=list(ANALYSES))
     parser.add_argument("--pair", nargs=2, default=None, metavar=("TASK1", "TASK2"),
                         help="the two tasks of the coefficient plane (default: the first two)")
@@ -112,41 +108,9 @@ def _factory_probe(spec: str, pretrained: str, tasks: list[str]):
     return getattr(importlib.import_module(module_name), func_name)(pretrained, tasks)
 
 
-def _demo_probe(args, tasks: list[str], checkpoints: dict[str, dict[str, str]]):
-    """Evaluation subsets and heads of the demo's text tasks, matching how the checkpoints were trained."""
-    import copy
-
-    from saft_hf.analysis.probe import TaskProbe
-    from saft_hf.demo import model as demo_model
-    from saft_hf.demo.study import StudyConfig, build_heads, prepare_tasks, tokenize_tasks
-    from saft_hf.demo.sources import default_cache_dir
-
-    record = {}
-    for by_task in checkpoints.values():
-        for ckpt in by_task.values():
-            info = Path(ckpt) / "saft_demo_training.json"
-            if info.exists():
-                record = json.loads(info.read_text()).get("signature", {})
-                break
-        if record:
-            break
-    logit_scale = args.logit_scale if args.logit_scale is not None else record.get("logit_scale")
-    max_length = args.max_length or record.get("max_length") or StudyConfig().max_length
-    cfg = StudyConfig(model=args.pretrained, tasks=tuple(tasks), logit_scale=logit_scale, max_length=max_length,
-                      test_fraction=record.get("test_fraction", StudyConfig().test_fraction), cache_dir=args.cache_dir,
-                      min_tasks=len(tasks))
-    data, _ = prepare_tasks(cfg, Path(args.cache_dir) if args.cache_dir else default_cache_dir())
-    tokenizer = demo_model.load_tokenizer(args.pretrained)
-    encoder = demo_model.load_encoder(args.pretrained)
-    tokenize_tasks(data, tokenizer, cfg)
-    heads, _ = build_heads(encoder, tokenizer, data, cfg)
-    split = {n: td.tokenized[args.split] for n, td in data.items()}
-    return TaskProbe.from_token_ids(copy.deepcopy(encoder), heads, {n: (s.input_ids, s.labels) for n, s in split.items()},
-                                    pad_id=tokenizer.pad_token_id or 0, subset_size=args.subset_size, seed=args.seed,
-                                    batch_size=args.batch_size)
-
-
-def run(args) -> int:
+def run(args, build_probe: Callable[[list[str], dict[str, dict[str, str]]], object] | None = None) -> int:
+    """Run the diagnostics; `build_probe(tasks, checkpoints) -> TaskProbe` comes from the task family
+    (the command-line layer passes it; analysis never imports a family)."""
     import torch
 
     from saft_hf.analysis.checkpoints import load_state_dict, task_vectors_from_checkpoints
@@ -164,8 +128,10 @@ def run(args) -> int:
         tasks = list(dict.fromkeys(t for by_task in checkpoints.values() for t in by_task))
         if args.probe_factory:
             probe = _factory_probe(args.probe_factory, args.pretrained, tasks)
+        elif build_probe is not None:
+            probe = build_probe(tasks, checkpoints)
         else:
-            probe = _demo_probe(args, tasks, checkpoints)
+            raise ValueError("no probe: pass --probe-factory MODULE:FUNCTION or run through `saft-hf analyze --family`")
     except (ValueError, FileNotFoundError, KeyError, ImportError) as err:
         print(f"saft-hf analyze: {err}", file=sys.stderr)
         return 2

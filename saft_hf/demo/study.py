@@ -9,7 +9,6 @@ reused when the configuration matches):
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -27,33 +26,16 @@ import torch
 
 from saft_hf.demo import data as demo_data
 from saft_hf.demo import model as demo_model
+from saft_hf.demo.pools import DemoTaskPool
 from saft_hf.demo.sources import SOURCES, SourceUnavailable, default_cache_dir, ensure_source, verify_manifest
 from saft_hf.evaluation import summarize
 from saft_hf.heads import ZeroShotHead
 from saft_hf.io_utils import atomic_directory, write_json_atomic
+from saft_hf.pools import InMemoryModelPool
 from saft_hf.tasks.text_demo import DEFAULT_TASKS, TextTask, get_task
 
 METHODS = {"adamw": 0.0, "asam": None}  # sam_rho per method; None = the config's asam_rho
-
-
-def merge_rows(cfg: "StudyConfig | None" = None) -> list:
-    """The merge rows of the study, from the merging registry (every study method, searched if it
-    has a grid, plus its fixed-coefficient ablation at `cfg.fixed_alpha`)."""
-    from saft_hf.merging import registry
-
-    fixed = {}
-    if cfg is not None:
-        for name in registry.method_names(study_only=True):
-            m = registry.get_method(name)
-            if m.fixed_ablation and m.linear_param:
-                fixed[name] = {**m.fixed_ablation, m.linear_param: cfg.fixed_alpha}
-    return registry.study_rows(fixed_overrides=fixed)
-
-
-def __getattr__(name: str):
-    if name == "MERGES":  # read from the registry on each access (methods can be registered later)
-        return tuple(r.key for r in merge_rows())
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+MERGES = ("weighted_average", "task_arithmetic", "task_arithmetic_fixed", "ties")  # = study_methods(cfg) names
 
 
 @dataclass
@@ -75,7 +57,7 @@ class StudyConfig:
     max_test: int | None = 400
     search_val_size: int = 128  # validation examples per task for the merge coefficient search
     ta_grid: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
-    fixed_alpha: float = 0.4  # the fixed-coefficient ablation row (paper table 6)
+    fixed_alpha: float = 0.4
     ties_grid: Sequence[float] = (0.3, 0.5, 0.7, 0.9, 1.0)
     ties_density: float = 0.2
     eval_batch_size: int = 128
@@ -246,7 +228,7 @@ def finetune_one(cfg: StudyConfig, model_path: str, head: ZeroShotHead, td: Task
             lr_scheduler_type="cosine", max_grad_norm=1.0, seed=seed, data_seed=seed, save_strategy="no",
             logging_steps=max(1, cfg.train_steps // 5), report_to="none", use_cpu=True,
             dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
-            sam_rho=rho, sam_variant="asam")
+            sam_rho=rho, sam_adaptive=True)
         trainer = SAFTTrainer(model=model, args=args, train_dataset=demo_model.TrainDataset(td.tokenized["train"]),
                               data_collator=demo_model.PadCollator(pad_id))
         start = time.perf_counter()
@@ -289,96 +271,37 @@ def finetune_all(cfg, model_path, heads, tasks, pad_id, cache_dir, signature) ->
 # --- stage 4/5: evaluation and merging ---------------------------------------------------------
 
 
-class Evaluator:
-    """Accuracy of any encoder weights on every task, with one reusable encoder instance."""
+def study_methods(cfg: StudyConfig):
+    """The merges the demo runs (order = table order), from the shared study driver's method table."""
+    from saft_hf.evaluation.study import default_study_methods
 
-    def __init__(self, encoder, heads: dict[str, ZeroShotHead], tasks: dict[str, TaskData], pad_id: int,
-                 batch_size: int, search_val_size: int):
-        self.encoder = copy.deepcopy(encoder)
-        self.heads, self.tasks, self.pad_id, self.batch_size = heads, tasks, pad_id, batch_size
-        self.splits = {"test": {n: td.tokenized["test"] for n, td in tasks.items()},
-                       "search": {n: td.tokenized["validation"].subset(search_val_size) for n, td in tasks.items()}}
-
-    def load(self, state_dict: dict[str, torch.Tensor]) -> None:
-        missing, unexpected = self.encoder.load_state_dict(state_dict, strict=False)
-        float_missing = [k for k in missing if self.encoder.state_dict()[k].is_floating_point()]
-        if float_missing or unexpected:
-            raise RuntimeError(f"merged weights do not fit the encoder: missing {float_missing[:5]}, "
-                               f"unexpected {list(unexpected)[:5]}")
-
-    def accuracy(self, split: str, task_names: Sequence[str] | None = None, desc: str | None = None) -> dict[str, float]:
-        out = {}
-        for name in task_names or list(self.tasks):
-            data = self.splits[split][name]
-            feats = demo_model.encode(self.encoder, data.input_ids, self.pad_id, self.batch_size, desc)
-            out[name] = demo_model.accuracy(self.heads[name], feats, data.labels)
-        return out
+    return default_study_methods(ta_grid=cfg.ta_grid, fixed_alpha=cfg.fixed_alpha, ties_grid=cfg.ties_grid,
+                                 ties_density=cfg.ties_density)
 
 
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
+def _demo_row(row: dict) -> dict:
+    """A driver result row in the demo's results.json layout (unchanged since the first release)."""
+    from saft_hf.evaluation.study import search_scores
+
+    out = {k: row[k] for k in ("tasks", "absolute", "absolute_mean", "normalized", "normalized_mean")}
+    out["coefficient"] = row["coefficient"]
+    if row["merge"] == "ties":
+        out["density"] = row["params"]["density"]
+    scores = search_scores(row)
+    if scores is not None:
+        out["validation_search"] = scores
+    return out
 
 
-def _search(merging, theta0, taus, evaluator: Evaluator, method: str, grid: dict | None):
-    """saft_hf.merging's coefficient search scored by mean validation accuracy over tasks (on the
-    fixed validation subsets; test data never enters the choice)."""
-    def evaluate(state_dict):
-        evaluator.load(state_dict)
-        return evaluator.accuracy("search")
+def merge_and_evaluate(cfg: StudyConfig, model_pool, task_pool: DemoTaskPool, label: str) -> tuple[dict, dict]:
+    """All merges of one method's fine-tuned encoders (one seed) through the shared study driver:
+    coefficients searched on the fixed validation subsets (test data never enters the choice),
+    test accuracies, normalized by each encoder's own test accuracy. Returns (individual, merges)."""
+    from saft_hf.evaluation.study import run_merge_study
 
-    return merging.search_coefficients(theta0, taus, evaluate, method=method, grid=grid)
-
-
-def _grid(cfg: StudyConfig, method: str) -> dict | None:
-    """The demo's own (smaller) grids for the paper's methods; registry defaults for the others."""
-    return {"task_arithmetic": {"scaling": list(cfg.ta_grid)},
-            "ties": {"scaling": list(cfg.ties_grid), "density": [cfg.ties_density]}}.get(method)
-
-
-def merge_and_evaluate(cfg: StudyConfig, theta0: dict, finetuned: dict[str, dict], evaluator: Evaluator,
-                       individual: dict[str, float], label: str) -> dict:
-    """All merges of one method's fine-tuned encoders (one seed): coefficients, test accuracies.
-    One result per row of `merge_rows(cfg)`, in order."""
-    from saft_hf import merging
-
-    names = list(finetuned)
-    taus = [merging.task_vector(theta0, finetuned[n]) for n in names]
-    results = {}
-
-    def finish(key: str, state_dict: dict, extra: dict) -> None:
-        evaluator.load(state_dict)
-        acc = evaluator.accuracy("test", desc=f"test {key} ({label})")
-        results[key] = {**summarize(acc, individual), **extra}
-        coef = extra.get("coefficient")
-        log(f"{label} {key}: avg abs {100 * results[key]['absolute_mean']:.2f}, "
-            f"avg norm {100 * results[key]['normalized_mean']:.2f}, coefficient "
-            + (f"{coef:g}" if isinstance(coef, (int, float)) else str(coef)))
-
-    def merged(method, params, transforms=None):
-        if not merging.registry.get_method(method).needs_pretrained:
-            return merging.merge_finetuned(method, theta0, [finetuned[n] for n in names], transforms, **params)
-        return merging.merge(method, theta0, taus, transforms, **params)
-
-    for row in merge_rows(cfg):
-        m = merging.registry.get_method(row.method)
-        if row.search:
-            result = _search(merging, theta0, taus, evaluator, row.method, _grid(cfg, row.method))
-            best = result.best_merge_config()
-            varying = [k for k in result.best.params if len({str(p.params[k]) for p in result.points}) > 1]
-            extra = {"coefficient": merging.registry.report_coefficient(row.method, best["params"], len(names))}
-            extra.update({k: v for k, v in result.best.params.items() if k != m.linear_param})
-            if varying == [m.linear_param]:
-                extra["validation_search"] = {p.params[m.linear_param]: p.score for p in result.points}
-            else:
-                extra["validation_search"] = {", ".join(f"{k}={v}" for k, v in p.params.items()): p.score
-                                              for p in result.points}
-            finish(row.key, merged(row.method, best["params"], best["transforms"]), extra)
-        else:
-            params = merging.registry.validate_params(row.method, row.fixed, num_tasks=len(names))
-            coef = merging.registry.report_coefficient(row.method, params, len(names))
-            finish(row.key, merged(row.method, dict(row.fixed)), {"coefficient": coef})
-    return results
+    result = run_merge_study(model_pool, task_pool, study_methods(cfg), search_max_examples=cfg.search_val_size,
+                             individual="evaluate", zero_shot=False, log=log, label=label)
+    return result["individual"], {name: _demo_row(row) for name, row in result["methods"].items()}
 
 
 def _float_state(encoder) -> dict[str, torch.Tensor]:
@@ -390,7 +313,7 @@ def _float_state(encoder) -> dict[str, torch.Tensor]:
 
 @dataclass
 class DiagnosticsContext:
-    """What the study hands to `saft_hf.analysis.demo_diagnostics.run(context, output_dir)`:
+    """What the study hands to `saft_hf.demo.diagnostics.run(context, output_dir)`:
     the pretrained encoder, tokenizer, frozen heads, tokenized validation splits, and per
     (seed, method) the fine-tuned checkpoint directories by task."""
     pretrained_encoder: torch.nn.Module
@@ -407,7 +330,7 @@ def run_diagnostics(context: DiagnosticsContext, output_dir: Path, enabled: bool
     On by default in the full run, off with `--quick` or `--no-analysis`."""
     if not enabled:
         return {"status": "skipped (enable with --analysis)"}
-    from saft_hf.analysis import demo_diagnostics
+    from saft_hf.demo import diagnostics as demo_diagnostics
     result = demo_diagnostics.run(context, output_dir / "diagnostics")
     return {"status": "done", **(result or {})}
 
@@ -435,8 +358,9 @@ def run_study(cfg: StudyConfig) -> dict:
         pad_id = tokenizer.pad_token_id or 0
         tokenize_tasks(tasks, tokenizer, cfg)
         heads, logit_info = build_heads(encoder0, tokenizer, tasks, cfg)
-        evaluator = Evaluator(encoder0, heads, tasks, pad_id, cfg.eval_batch_size, cfg.search_val_size)
-        zero_shot = summarize(evaluator.accuracy("test", desc="test zero-shot"))
+        task_pool = DemoTaskPool(encoder0, heads, {n: td.tokenized for n, td in tasks.items()}, pad_id,
+                                 cfg.eval_batch_size)
+        zero_shot = summarize(task_pool.evaluate(encoder0, "test", desc="test zero-shot"))
         log(f"zero-shot avg accuracy {100 * zero_shot['absolute_mean']:.2f}")
 
     signature = cfg.finetune_signature(_model_id(model_path), logit_info["chosen"])
@@ -449,18 +373,15 @@ def run_study(cfg: StudyConfig) -> dict:
         for seed in cfg.seeds:
             runs[seed] = {"methods": {}}
             for method in cfg.methods:
-                finetuned, individual = {}, {}
-                for name in tasks:
-                    rec = records[(seed, method, name)]
-                    finetuned[name] = _float_state(demo_model.load_encoder(rec["checkpoint"]))
-                    evaluator.load(finetuned[name])
-                    individual[name] = evaluator.accuracy("test", [name], desc=f"test {method} {name}")[name]
-                ind_summary = {**summarize(individual, individual),
+                pool = InMemoryModelPool(theta0, {
+                    name: _float_state(demo_model.load_encoder(records[(seed, method, name)]["checkpoint"]))
+                    for name in tasks})
+                individual, merges = merge_and_evaluate(cfg, pool, task_pool, f"{method} seed {seed}")
+                ind_summary = {**individual,
                                "train_seconds": {n: records[(seed, method, n)]["train_seconds"] for n in tasks}}
                 log(f"seed {seed} {method} individual avg accuracy {100 * ind_summary['absolute_mean']:.2f}")
-                merges = merge_and_evaluate(cfg, theta0, finetuned, evaluator, individual, f"{method} seed {seed}")
                 runs[seed]["methods"][method] = {"individual": ind_summary, "merges": merges}
-                del finetuned
+                del pool
 
     with timer("diagnostics (optional)"):
         checkpoints = {(s, m): {n: records[(s, m, n)]["checkpoint"] for n in tasks}

@@ -8,12 +8,13 @@ calls `run_glue_finetuning`. After training, the model (or LoRA adapter) is save
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from saft_hf.finetuning.lora import LoraArguments, apply_lora, save_lora_adapter
 from saft_hf.io_utils import write_json_atomic
+from saft_hf.pools import FinetunedScores
+from saft_hf.recipe_args import yaml_to_argv  # noqa: F401  (re-exported from its old home)
 from saft_hf.tasks.glue import GLUE_HUB_DATASET, GLUE_TASKS, SCORE_KINDS, get_task
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,12 @@ def run_glue_finetuning(model_args: GlueModelArguments, data_args: GlueDataArgum
                 "max_eval_samples": data_args.max_eval_samples,
             },
         )
+        FinetunedScores(task.name, "glue", validation["score_metric"], {"validation": validation["score"]},
+                        model_args.model_name_or_path,
+                        {"split": task.validation_split, "metrics": validation, "lora_r": lora_args.lora_r,
+                         "sam_rho": getattr(training_args, "sam_rho", 0.0),
+                         "sam_adaptive": getattr(training_args, "sam_adaptive", None),
+                         "max_eval_samples": data_args.max_eval_samples}).write(output_dir)
         logger.info("%s validation: %s", task.name, validation)
     return {"train": result.metrics, "validation": validation}
 
@@ -162,66 +169,21 @@ def _zero_stage(trainer) -> int:
 
 
 def read_finetuned_score(path: str | Path, task: str | None = None) -> float:
-    """The fine-tuned validation score stored by `run_glue_finetuning` (a run dir or the JSON file)."""
-    import json
+    """The fine-tuned validation score of a run (a run dir or its score file): finetuned_scores.json,
+    or the glue_scores.json of runs made before it (`saft_hf.pools.read_finetuned_scores`)."""
+    from saft_hf.pools import read_finetuned_scores
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / SCORES_FILE
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no fine-tuned scores at {path}; run the GLUE fine-tuning recipe (it writes {SCORES_FILE}) or "
-            "`saft-hf evaluate glue` on the fine-tuned model"
-        )
-    record = json.loads(path.read_text())
-    if task is not None and record.get("task") != get_task(task).name:
-        raise ValueError(f"{path} holds scores for task {record.get('task')!r}, not {task!r}")
-    return float(record["score"])
+    return read_finetuned_scores(path, get_task(task).name if task is not None else None).score("validation")
 
 
 # ------------------------------------------------------------------------------ argument parsing
 
-def yaml_to_argv(config: dict) -> list[str]:
-    """A YAML mapping as `--key value` command-line items (lists expand, booleans as true/false)."""
-    argv: list[str] = []
-    for key, value in config.items():
-        if value is None:
-            continue
-        argv.append(f"--{key}")
-        if isinstance(value, bool):
-            argv.append(str(value).lower())
-        elif isinstance(value, (list, tuple)):
-            argv.extend(str(v) for v in value)
-        elif isinstance(value, dict):
-            import json
-
-            argv.append(json.dumps(value))
-        else:
-            argv.append(str(value))
-    return argv
-
 
 def parse_glue_arguments(argv: list[str] | None = None):
-    """(model, data, lora, training) arguments from `--config file.yaml` plus command-line overrides.
-
-    Values on the command line win over the YAML file (they are parsed after it).
-    """
-    import yaml
-    from transformers import HfArgumentParser
-
+    """(model, data, lora, training) arguments from `--config file.yaml` plus command-line overrides
+    (`saft_hf.recipe_args.parse_recipe_args`: command line wins, unknown YAML keys are rejected)."""
     from saft_hf import SAFTSeq2SeqTrainingArguments
+    from saft_hf.recipe_args import parse_recipe_args
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise ValueError("--config needs a YAML file path")
-        config_path = Path(argv[i + 1])
-        if not config_path.exists():
-            raise FileNotFoundError(f"config file {config_path} not found")
-        config = yaml.safe_load(config_path.read_text()) or {}
-        if not isinstance(config, dict):
-            raise ValueError(f"{config_path} must hold a mapping of argument names to values")
-        argv = yaml_to_argv(config) + argv[:i] + argv[i + 2 :]
-    parser = HfArgumentParser((GlueModelArguments, GlueDataArguments, LoraArguments, SAFTSeq2SeqTrainingArguments))
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_recipe_args((GlueModelArguments, GlueDataArguments, LoraArguments, SAFTSeq2SeqTrainingArguments),
+                             argv)

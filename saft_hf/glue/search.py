@@ -121,3 +121,44 @@ def export_pretrained(name_or_path: str | os.PathLike, output_dir: str | os.Path
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
     return str(output_dir)
+
+
+def run_glue_merge_study(
+    pretrained: str | os.PathLike,
+    finetuned: Mapping[str, str | os.PathLike],
+    output_dir: str | os.PathLike,
+    alphas: list[float] | None = None,
+    densities: list[float] | None = None,
+    fixed_alpha: float | None = 0.4,
+    data_paths: Mapping[str, str] | None = None,
+    search_max_samples: int | None = None,
+    test_max_samples: int | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    **pool_kwargs,
+) -> dict:
+    """Every study method (weighted average, task arithmetic searched and fixed, TIES searched) on
+    full fine-tuned runs through the shared driver (`saft_hf.evaluation.study`): coefficients chosen
+    by mean normalized validation score (normalized by each run's glue_scores.json), reported on
+    `STUDY_TEST_SPLIT` (GLUE's validation split: its test labels are hidden). Writes results.json,
+    results.md and results.png into `output_dir`; returns the study dict."""
+    from saft_hf.evaluation.study import default_study_methods, run_merge_study, write_study_report
+    from saft_hf.glue.pools import STUDY_TEST_SPLIT, GlueTaskPool, glue_model_pool
+    from saft_hf.merging.io import is_lora_adapter
+    from saft_hf.merging.search import PAPER_ALPHAS, PAPER_DENSITIES
+
+    lora = [t for t, p in finetuned.items() if is_lora_adapter(p)]
+    if lora:
+        raise ValueError(f"runs for {lora} are LoRA adapters; the study needs full fine-tuned runs "
+                         "(merge adapters with search_glue_merge / merge_search.py without --study)")
+    tasks = [get_task(t).name for t in finetuned]
+    pretrained = resolve_model_dir(pretrained)
+    model_pool = glue_model_pool(pretrained, {get_task(t).name: str(p) for t, p in finetuned.items()})
+    task_pool = GlueTaskPool(tasks, pretrained, data_paths=data_paths, device=device, **pool_kwargs)
+    methods = default_study_methods(ta_grid=alphas or PAPER_ALPHAS, fixed_alpha=fixed_alpha,
+                                    ties_grid=alphas or PAPER_ALPHAS, ties_density=list(densities or PAPER_DENSITIES))
+    result = run_merge_study(model_pool, task_pool, methods, search_max_examples=search_max_samples,
+                             test_max_examples=test_max_samples, test_split=STUDY_TEST_SPLIT, progress=progress,
+                             label=f"{Path(str(pretrained)).name}, GLUE {' '.join(tasks)}")
+    write_study_report(result, output_dir)
+    return result

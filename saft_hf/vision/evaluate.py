@@ -103,11 +103,21 @@ class VisionEvaluator:
     # evaluation --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
-        """{task: accuracy} of the current weights (after loading `state_dict`, if given)."""
+    def evaluate(self, state_dict: Mapping[str, torch.Tensor] | None = None,
+                 tasks: Sequence[str] | None = None) -> dict[str, float]:
+        """{task: accuracy} of the current weights (after loading `state_dict`, if given), on
+        `tasks` (default: all of this evaluator's tasks)."""
         if state_dict is not None:
             self.load_weights(state_dict)
-        return {name: self._task_accuracy(name) for name in self.tasks}
+        return {name: self._task_accuracy(name) for name in (self.tasks if tasks is None else tasks)}
+
+    def head(self, name: str) -> ZeroShotHead:
+        """The frozen zero-shot head of one task."""
+        return self._cache[name].head
+
+    def batches(self, name: str):
+        """(uint8 pixels, labels) batches of one task (preprocessed once when images are cached)."""
+        return self._batches(name)
 
     __call__ = evaluate
 

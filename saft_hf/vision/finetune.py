@@ -17,9 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 import tempfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -81,38 +80,13 @@ class VisionDataArguments:
 
 
 def parse_vision_arguments(argv: list[str] | None = None):
-    """(model, data, training) arguments from `--config file.yaml` and command-line overrides.
-
-    YAML values become the parser's defaults, so any flag given on the command line wins.
-    """
-    import yaml
-    from transformers import HfArgumentParser
-
+    """(model, data, training) arguments from `--config file.yaml` and command-line overrides
+    (`saft_hf.recipe_args.parse_recipe_args`: command line wins, unknown YAML keys are rejected)."""
     from saft_hf import SAFTTrainingArguments
+    from saft_hf.recipe_args import parse_recipe_args
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((VisionModelArguments, VisionDataArguments, SAFTTrainingArguments))
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise ValueError("--config needs a YAML file path")
-        path = Path(argv[i + 1])
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} not found")
-        config = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(config, dict):
-            raise ValueError(f"{path} must hold a mapping of argument names to values")
-        known = {f.name for cls in (VisionModelArguments, VisionDataArguments, SAFTTrainingArguments)
-                 for f in fields(cls)}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown option(s) {unknown}; see `finetune.py --help`")
-        parser.set_defaults(**config)
-        argv = argv[:i] + argv[i + 2:]
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    if not data_args.task:
-        parser.error("--task is required (in the YAML config or on the command line)")
-    return model_args, data_args, training_args
+    return parse_recipe_args((VisionModelArguments, VisionDataArguments, SAFTTrainingArguments), argv,
+                             required=("task",))
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -194,10 +168,23 @@ def run_vision_finetuning(model_args: VisionModelArguments, data_args: VisionDat
         encoder = trainer.accelerator.unwrap_model(trainer.model).encoder
         encoder = encoder.unwrap() if isinstance(encoder, LinearizedModel) else encoder
         save_encoder(encoder, processor, training_args.output_dir)
-        # Written last: its presence means the directory holds a complete fine-tuned model.
+        # The family-independent score file (saft_hf.pools), then the legacy one, written last: its
+        # presence means the directory holds a complete fine-tuned model (run_all.sh resumes on it).
+        scores_record(result).write(training_args.output_dir)
         write_json_atomic(Path(training_args.output_dir) / FINETUNED_ACCURACY_FILE, result)
         trainer.log_metrics("test", test)
     return result
+
+
+def scores_record(result: dict):
+    """The run's `saft_hf.pools.FinetunedScores` (finetuned_scores.json) from its result record."""
+    from saft_hf.pools import FinetunedScores
+
+    training = {k: v for k, v in result.items()
+                if k not in ("task", "test_accuracy", "validation_accuracy", "base_model", "loss_curve")}
+    return FinetunedScores(result["task"], "vision", "accuracy",
+                           {"validation": result["validation_accuracy"], "test": result["test_accuracy"]},
+                           result["base_model"], training)
 
 
 def save_encoder(encoder, processor, output_dir: str | os.PathLike) -> None:

@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import Iterable
 
+from saft_hf.pools import SCORE_FILE, SCORE_SCHEMA, find_score_file, read_finetuned_scores
 from saft_hf.tasks.vision import PAPER_TASKS, VISION_TASKS
 
 logger = logging.getLogger(__name__)
@@ -26,8 +27,8 @@ FINETUNED_ACCURACY_FILE = "finetuned_accuracy.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="HF directory (or Hub name) of the image encoder to evaluate: fine-tuned, merged, or a "
+    parser.add_argument("--model", default=None,
+                        help="(required unless --merge-study) HF directory (or Hub name) of the image encoder to evaluate: fine-tuned, merged, or a "
                              "full CLIP checkpoint for zero-shot accuracy")
     parser.add_argument("--tasks", nargs="+", default=list(PAPER_TASKS), metavar="TASK",
                         help=f"tasks to evaluate (default: the paper's 8: {' '.join(PAPER_TASKS)})")
@@ -48,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     parser.add_argument("--head-cache-dir", default=None, help="zero-shot head cache directory")
     parser.add_argument("--name", default=None, help="row name in the Markdown table (default: the model path)")
+    parser.add_argument("--merge-study", nargs="+", default=None, metavar="RUN_DIR",
+                        help="instead of --model: merge these fine-tuning runs (one per task) with every study method "
+                             "(shared driver: search on validation, test scores, absolute + normalized) into "
+                             "--output-dir (results.json / .md / .png, merge_study.json / .md)")
+    parser.add_argument("--search-max-samples", type=int, default=None,
+                        help="--merge-study: validation examples per task for the coefficient search")
     parser.add_argument("--output-dir", default=None,
                         help="write report.json and report.md here (default: print only)")
 
@@ -59,12 +66,16 @@ def read_finetuned_accuracy(sources: Iterable[str], split: str = "test") -> dict
     for source in sources:
         path = Path(source)
         if path.is_dir():
-            path = path / FINETUNED_ACCURACY_FILE
+            found = find_score_file(path)
+            path = found if found is not None else path / FINETUNED_ACCURACY_FILE
         if not path.is_file():
             raise FileNotFoundError(f"fine-tuned accuracy file {path} not found (the fine-tuning recipe writes "
-                                    f"{FINETUNED_ACCURACY_FILE} into its output directory)")
+                                    f"{SCORE_FILE} and {FINETUNED_ACCURACY_FILE} into its output directory)")
         data = json.loads(path.read_text())
-        if isinstance(data, dict) and "task" in data and key in data:
+        if isinstance(data, dict) and data.get("schema") == SCORE_SCHEMA:  # the unified score file
+            record = read_finetuned_scores(path)
+            references[record.task] = record.score(split)
+        elif isinstance(data, dict) and "task" in data and key in data:
             references[data["task"]] = float(data[key])
         elif isinstance(data, dict) and all(isinstance(v, (int, float)) for v in data.values()):
             references.update({k: float(v) for k, v in data.items()})
@@ -89,9 +100,8 @@ def _parse_data(items: list[str]) -> dict[str, str]:
 
 
 def _recorded_base_model(model: str) -> str | None:
-    path = Path(model) / FINETUNED_ACCURACY_FILE
-    if path.is_file():
-        return json.loads(path.read_text()).get("base_model")
+    if Path(model).is_dir() and find_score_file(model) is not None:
+        return read_finetuned_scores(model).base_model
     return None
 
 
@@ -124,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
     from saft_hf.io_utils import write_json_atomic, write_text_atomic
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.merge_study:
+        return _run_merge_study(args)
+    if not args.model:
+        raise SystemExit("saft-hf evaluate vision: give --model DIR (or --merge-study RUN_DIR ...)")
     finetuned = read_finetuned_accuracy(args.finetuned_accuracy, args.split) if args.finetuned_accuracy else None
     report = evaluate_vision_model(
         args.model, args.tasks, args.base_model, _parse_data(args.data), args.split, finetuned, args.linearized,
@@ -137,3 +151,15 @@ def run(args: argparse.Namespace) -> int:
         write_text_atomic(out / "report.md", table)
         print(f"wrote {out / 'report.json'} and {out / 'report.md'}")
     return 0
+
+
+def _run_merge_study(args: argparse.Namespace) -> int:
+    from saft_hf.vision.merge_study import run_merge_study
+
+    if not args.output_dir:
+        raise SystemExit("saft-hf evaluate vision --merge-study: give --output-dir")
+    report = run_merge_study(args.merge_study, args.output_dir, args.base_model, data_paths=_parse_data(args.data),
+                             search_max_samples=args.search_max_samples, test_max_samples=args.max_samples,
+                             head_cache_dir=args.head_cache_dir, batch_size=args.batch_size, device=args.device)
+    print((Path(args.output_dir) / "merge_study.md").read_text())
+    return 0 if report["rows"] else 1

@@ -32,7 +32,11 @@ def _task_paths(items: list[str] | None, what: str) -> dict[str, str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model to evaluate: HF model dir, Hub name, or PEFT adapter dir")
+    parser.add_argument("--model", required=True, help="model to evaluate: HF model dir, Hub name, or PEFT adapter dir "
+                        "(with --merge_study: the pretrained model the runs started from)")
+    parser.add_argument("--merge_study", action="store_true",
+                        help="merge the --finetuned_root runs (full fine-tuning) with every study method (shared driver: "
+                             "search and report on validation, absolute + normalized) into --output_dir/results.*")
     parser.add_argument("--tokenizer", default=None, help="tokenizer (default: the one saved with --model)")
     parser.add_argument("--tasks", nargs="+", default=list(PAPER_TASKS), choices=sorted(GLUE_TASKS),
                         help=f"GLUE tasks (default: the paper's {' '.join(PAPER_TASKS)})")
@@ -126,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     tasks = [get_task(t).name for t in args.tasks]
+    if args.merge_study:
+        return _run_merge_study(args, tasks)
     data_paths = {}
     if args.data_root:
         data_paths = {t: str(Path(args.data_root) / t) for t in tasks}
@@ -156,3 +162,21 @@ def _run(args: argparse.Namespace) -> int:
         summary += f", normalized mean {100 * report['normalized_mean']:.2f}"
     print(f"GLUE {', '.join(tasks)}: {summary} -> {Path(args.output_dir) / REPORT_NAME}.json")
     return 0
+
+
+def _run_merge_study(args: argparse.Namespace, tasks: list[str]) -> int:
+    from saft_hf.glue.search import run_glue_merge_study
+
+    if not args.finetuned_root and not args.finetuned:
+        raise ValueError("--merge_study needs the fine-tuned runs: --finetuned_root DIR or --finetuned TASK=DIR ...")
+    runs = {t: str(Path(args.finetuned_root) / t) for t in tasks} if args.finetuned_root else {}
+    runs.update(_task_paths(args.finetuned, "--finetuned"))
+    data_paths = {t: str(Path(args.data_root) / t) for t in tasks} if args.data_root else {}
+    data_paths.update(_task_paths(args.data, "--data"))
+    result = run_glue_merge_study(args.model, {t: runs[t] for t in tasks}, args.output_dir,
+                                  data_paths=data_paths or None, search_max_samples=args.max_samples,
+                                  device=args.device, dataset_name=args.dataset_name, batch_size=args.batch_size,
+                                  max_new_tokens=args.max_new_tokens, max_source_length=args.max_source_length,
+                                  score=args.score)
+    print((Path(args.output_dir) / "results.md").read_text())
+    return 0 if result["methods"] else 1

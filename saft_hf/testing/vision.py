@@ -2,7 +2,7 @@
 processor) and tiny image datasets in the Hub format (`image` PIL column + `label` ClassLabel).
 
 Used by the tests and by anyone who wants to exercise the recipe end to end without a GPU or the
-Hub: `python -m saft_hf.vision.tiny OUT_DIR` writes `OUT_DIR/clip` and `OUT_DIR/data/<task>`.
+Hub: `python -m saft_hf.testing.vision OUT_DIR` writes `OUT_DIR/clip` and `OUT_DIR/data/<task>`.
 The datasets carry a learnable signal (class-dependent colour or stripe pattern plus noise).
 """
 from __future__ import annotations
@@ -108,5 +108,5 @@ def build_tiny_setup(root: str | Path) -> dict:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m saft_hf.vision.tiny OUT_DIR")
+        sys.exit("usage: python -m saft_hf.testing.vision OUT_DIR")
     print(build_tiny_setup(sys.argv[1]))
