@@ -11,6 +11,10 @@ _LAZY = {
     "SAFTSeq2SeqTrainer": "saft_hf.trainer",
     "SAFTTrainingArguments": "saft_hf.args",
     "SAFTSeq2SeqTrainingArguments": "saft_hf.args",
+    "SAFTTrainerMixin": "saft_hf.trainer",
+    "SharpnessArgumentsMixin": "saft_hf.args",
+    "with_sam": "saft_hf.wrap",
+    "with_sam_args": "saft_hf.wrap",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
