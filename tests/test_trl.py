@@ -128,6 +128,10 @@ def test_sft_counts_each_micro_batch_once(tmp_path):
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert logs[-1]["num_tokens"] == tokens
     assert all(0.0 <= e["mean_token_accuracy"] <= 1.0 and e["entropy"] > 0 for e in logs)
+    # TRL's model card, with SAFT's tags and citation on top
+    trainer.create_model_card(model_name="tiny")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "saft" in card and "asam" in card and "trl" in card and "lee2025saft" in card
 
 
 def test_sft_rho_zero_is_bit_identical_to_trl(tmp_path):
@@ -249,6 +253,23 @@ def test_dpo_matches_replay_and_leaves_reference_untouched(tmp_path, adaptive, r
     assert max_difference(trained, right) < 1e-6
     assert max_difference(trained, plain) > 1e-5
     assert max_difference(trained, other) > 1e-5
+
+
+def test_dpo_with_precomputed_reference_logps_matches_replay(tmp_path):
+    trainer, init, recorder = train_dpo(tmp_path, 0.5, precompute_ref_log_probs=True)
+    assert recorder.calls == []  # the reference ran once, in __init__ (precompute); never during training
+    initial = build_model(seed=1)
+    initial.load_state_dict(init)
+    for inputs, _ in trainer.recorded:
+        expected = sequence_logps(initial, inputs)
+        got = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
+        assert torch.allclose(got, expected, atol=1e-5)
+    batches = [[{**inputs, "ref_logps": torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])}
+                for inputs, _ in trainer.recorded]]
+    loss = lambda m, names, ps, b: dpo_loss(m, names, ps, b, b["ref_logps"], BETA)
+    right = replay_sam_lm(build_model(seed=1), init, batches, loss, grad_accum=2, lr=LR, rho=0.5, adaptive=True,
+                          divide_by_accum=True)
+    assert max_difference(trainable_state(trainer.model), right) < 1e-6
 
 
 def test_dpo_rho_zero_differs_from_sam(tmp_path):
