@@ -40,7 +40,7 @@ from .trainer import SAFTTrainerMixin
 
 # Namespace of the classes generated without `module=`: pickle finds them as saft_hf.wrap.generated.<Name>.
 generated = types.SimpleNamespace()
-_CACHE: dict[tuple[type, str, str | None], type] = {}
+_CACHE: dict[tuple, type] = {}
 
 
 def _publish(cls: type, name: str, module: str | None) -> type:
@@ -130,13 +130,17 @@ class SAMTrainerAdapter:
     # whose loss is the logged `loss`) are kept and the second pass's updates dropped. Missing attributes are skipped.
     sam_first_pass_only_state: tuple[str, ...] = ("_metrics", "_total_train_tokens")
 
+    _sam_takes_model: bool = True  # whether the wrapped trainer's constructor has a `model` parameter
+
     def __init__(self, model=None, args=None, *positional, **kwargs):
         if positional:
             raise TypeError(
                 f"{type(self).__name__}: internal error, positional arguments {positional!r} reached the adapter; "
                 "construct the trainer through the class returned by saft_hf.with_sam."
             )
-        super().__init__(model=model, args=args, **kwargs)
+        if self._sam_takes_model:
+            kwargs["model"] = model
+        super().__init__(args=args, **kwargs)
 
     def training_step(self, *args, **kwargs):
         # The mixin calls the parent's training_step only for its second (perturbed) pass when SAM is on.
@@ -203,6 +207,7 @@ def with_sam(
     namespace = {
         "__init__": __init__,
         "_args_class": args_class,
+        "_sam_takes_model": "model" in signature.parameters,
         "__module__": module or __name__,
         "__doc__": f"`{trainer_class.__name__}` with SAFT's SAM / ASAM step (configure with `{args_class.__name__}`).",
     }
