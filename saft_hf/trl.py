@@ -18,7 +18,6 @@ Tested with TRL 1.16 (`pip install 'saft-hf[trl]'`).
 from __future__ import annotations
 
 try:
-    import trl as _trl  # noqa: F401
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
