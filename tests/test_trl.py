@@ -423,3 +423,13 @@ def test_trl_classes_keep_the_trl_interfaces(tmp_path):
     import inspect
 
     assert list(inspect.signature(SAFTDPOTrainer).parameters)[:3] == ["model", "ref_model", "args"]
+
+
+def test_missing_trl_names_the_extra(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # `import trl` now raises ImportError
+    monkeypatch.delitem(sys.modules, "saft_hf.trl", raising=False)
+    with pytest.raises(ImportError, match=r"pip install 'saft-hf\[trl\]'"):
+        importlib.import_module("saft_hf.trl")
