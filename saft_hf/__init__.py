@@ -12,6 +12,10 @@ _LAZY = {
     "SAFTTrainingArguments": "saft_hf.args",
     "SAFTSeq2SeqTrainingArguments": "saft_hf.args",
     "MergeMonitorCallback": "saft_hf.callbacks",
+    "SAFTTrainerMixin": "saft_hf.trainer",
+    "SharpnessArgumentsMixin": "saft_hf.args",
+    "with_sam": "saft_hf.wrap",
+    "with_sam_args": "saft_hf.wrap",
 }
 _LAZY_MODULES = ("stats",)  # `saft_hf.stats.paired_bootstrap(...)` without importing numpy up front
 
