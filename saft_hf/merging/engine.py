@@ -81,11 +81,12 @@ def stacked_deltas(tasks: Sequence[TaskVector], key: str, pre: torch.Tensor, row
 
 
 def run_method(method: MergeMethod, params: dict, base: TensorSource, tasks: Sequence[TaskVector], plan: MergePlan,
-               sink, progress: bool = True, mode: str = "weights", desc: str | None = None) -> dict:
+               sink, progress: bool = True, mode: str = "weights", desc: str | None = None,
+               out_dtype: torch.dtype | None = None) -> dict:
     """Merge with `method` at the resolved `params` into `sink`; returns the method's report.
 
     mode="weights": the sink gets base_scale * theta_0 + merged delta in the pretrained dtype,
-    then the non-float buffers. mode="delta": the sink gets the merged delta itself (float32/64)
+    (or `out_dtype`), then the non-float buffers. mode="delta": the sink gets the merged delta itself (float32/64)
     for every merged key, so coefficient search can reuse it along the method's linear parameter.
     """
     if mode not in ("weights", "delta"):
@@ -112,7 +113,7 @@ def run_method(method: MergeMethod, params: dict, base: TensorSource, tasks: Seq
         weights = pre.to(merged.dtype)
         if scale != 1.0:
             weights = weights * scale
-        sink.write(key, (weights + merged).to(pre.dtype), rows[0] if rows else None)
+        sink.write(key, (weights + merged).to(out_dtype or pre.dtype), rows[0] if rows else None)
 
     for key in _bar(plan.keys, desc or method.label, progress):
         ctx.key, ctx.key_state = key, {}
