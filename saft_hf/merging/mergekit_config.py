@@ -43,8 +43,9 @@ class Row:
     may also be given globally (`parameters:`), as mergekit allows. translate(shared, per_model)
     gets the resolved values (per_model: name -> one value per model) and returns (saft-hf
     params, transforms). base: "required" (task-vector methods: models equal to base_model are
-    the base itself), "optional" (linear: every listed model is merged; base_model only supplies
-    config/tokenizer files), "first" (slerp: the base is the t = 0 end).
+    the base itself), "optional" (linear: base_model, if given, is merged as one more model,
+    its weight from the global parameters, as mergekit does), "first" (slerp: the base is the
+    t = 0 end).
     """
 
     name: str
@@ -302,6 +303,9 @@ def translate(raw: Mapping) -> tuple[dict, list[str]]:
             continue  # the base model listed among the models: it is the base, not a task
         models.append(entry["model"])
         model_params.append(params)
+    if row.base == "optional" and base is not None and not any(_same_model(m, base) for m in models):
+        models.append(base)  # mergekit merges base_model as one more input (its weight from `parameters:`)
+        model_params.append({})
     if not models:
         raise ParamError(f"mergekit {name}: no models to merge besides base_model")
 
