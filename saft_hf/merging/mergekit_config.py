@@ -245,7 +245,7 @@ def translate(raw: Mapping) -> tuple[dict, list[str]]:
                          f"supported: {list(SUPPORTED_KEYS)}")
     name = raw["merge_method"]
     if name not in MERGEKIT_METHODS:
-        raise ParamError(f"mergekit merge_method {_show(name)} is not supported by saft-hf merge; "
+        raise ParamError(f"mergekit merge_method {name!r} is not supported by saft-hf merge; "
                          f"supported: {supported_methods()}")
     row = MERGEKIT_METHODS[name]
     missing = row.missing()
@@ -256,9 +256,9 @@ def translate(raw: Mapping) -> tuple[dict, list[str]]:
 
     for key in ("dtype", "out_dtype"):
         if raw.get(key) is not None and raw[key] not in DTYPES:
-            raise ParamError(f"mergekit {key} {_show(raw[key])} is not supported; use one of {list(DTYPES)}")
+            raise ParamError(f"mergekit {key} {raw[key]!r} is not supported; use one of {list(DTYPES)}")
     if raw.get("tokenizer_source") not in (None, "base"):
-        raise ParamError(f"tokenizer_source {_show(raw['tokenizer_source'])} is not supported (saft-hf copies the "
+        raise ParamError(f"tokenizer_source {raw['tokenizer_source']!r} is not supported (saft-hf copies the "
                          "tokenizer files of the base model); use tokenizer_source: base or omit it")
 
     base = raw.get("base_model")
