@@ -29,8 +29,9 @@ example config (recipes/merge_examples/ties_vit_b32.yaml):
 
 A mergekit YAML (merge_method, base_model, models: [{model, parameters: {weight, density}}],
 parameters, dtype, out_dtype, tokenizer_source: base) is accepted as is and run with mergekit's
-semantics; mergekit methods supported now: MERGEKIT_METHODS (others, and keys saft-hf does not
-support, are refused by name). See docs/merging.md for what matches mergekit bit for bit.
+semantics; methods and keys saft-hf does not support are refused by name. docs/merging.md says
+what matches mergekit bit for bit. mergekit methods supported now:
+  MERGEKIT_METHODS
 
 Numbers and booleans are checked strictly: write `scaling: 0.4`, not `scaling: "0.4"`;
 `normalize: false`, not `normalize: "no"`. `dare: {drop_rate: 0.5}` is accepted as an alias of
