@@ -220,7 +220,7 @@ def merge_models(config: MergeConfig | dict | str, output_dir, overwrite: bool =
         notes.extend(check_extra_keys(plan, base, src))
     for tv in tasks:
         notes.extend(tv.check(plan.keys, base))
-    checked_base, tasks = prepare_task_vectors(tasks, base, transforms, config.allow_nonfinite)
+    tasks = prepare_task_vectors(tasks, base, transforms)
     for t, tp in transforms:
         shown = ", ".join(f"{k}={v}" for k, v in tp.items())
         notes.append(f"{t.label} ({shown}) applied to every task vector"
@@ -243,7 +243,8 @@ def merge_models(config: MergeConfig | dict | str, output_dir, overwrite: bool =
         if out_dtype is not None:
             layout = [(k, shape, out_dtype if k in plan.keys else dt) for k, shape, dt in layout]
         sink = ShardedSafetensorsSink(tmp, layout, config.max_shard_size)
-        stats.update(run_method(method, params, checked_base, tasks, plan, sink, progress, out_dtype=out_dtype))
+        stats.update(run_method(method, params, base, tasks, plan, sink, progress,
+                                check_finite=not config.allow_nonfinite, out_dtype=out_dtype))
         shards = sink.close()
         base_dir = resolve_checkpoint(base_spec)
         copied = _copy_model_files(base_dir if base_dir.is_dir() else None, tmp)
