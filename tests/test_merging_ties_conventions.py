@@ -99,7 +99,7 @@ def test_peft_conventions_match_peft_ties_per_tensor(sign, density):
                        **ties_kw(trim_count="exact", weighting="peft"))
     for k in SHAPES:
         want = pre[k] + peft_ties([tv[k] for tv in tvs], torch.tensor(weights), density, sign[1])
-        torch.testing.assert_close(got[k], want, rtol=0, atol=1e-6, msg=k)
+        assert torch.equal(got[k], want), k  # bit for bit
 
 
 def test_exact_counts_keep_exactly_k_with_ties_and_kthvalue_keeps_all_ties():
