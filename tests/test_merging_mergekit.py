@@ -1,7 +1,7 @@
 """`saft-hf merge` on mergekit YAML against mergekit 0.1.5 itself (a dev extra: `pip install
 -e .[peers]`), on the same tiny Llama checkpoints, tensor for tensor.
 
-Bit for bit: ties (per-model weights and densities, normalize on/off, lambda, int8_mask, the base
+Bit for bit: ties (per-model weights and densities, normalize on/off, lambda, rescale, int8_mask, the base
 listed among the models, global-only parameters), task_arithmetic at lambda 1 without normalize,
 dare_ties / dare_linear at density 1, out_dtype. Up to float32 rounding (coefficients folded into
 one per model): linear, task_arithmetic with normalize / lambda. DARE at density < 1 cannot equal
@@ -107,6 +107,7 @@ EXACT = {
     "ties_negative_weight_int8_mask": ("ties", dict(weights=[1.0, -0.3, 0.7], densities=[0.6, 0.6, 1.0]),
                                        {"int8_mask": True}),
     "ties_global_params_only": ("ties", None, {"weight": 0.8, "density": 0.35}),
+    "ties_rescale_l1": ("ties", dict(weights=[1.0, 0.5, 0.7], densities=[0.5, 0.3, 0.9]), {"rescale": True}),
     "ties_small_density_min1": ("ties", dict(weights=[1.0, 1.0, 2.0], densities=[0.01, 0.02, 0.03]), {}),
     "task_arithmetic": ("task_arithmetic", dict(weights=[1.0, 0.5, -0.7]), {}),
     "dare_ties_density1": ("dare_ties", dict(weights=[1.0, 0.5, 0.7], densities=[1.0, 1.0, 1.0]), {}),

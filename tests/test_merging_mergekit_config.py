@@ -69,6 +69,13 @@ def test_defaults_follow_mergekit_per_method(files):
     assert linear["models"][-1]["path"].endswith("pre.safetensors")  # mergekit merges base_model too
 
 
+def test_ties_rescale_maps_to_trim_rescale(files):
+    root, _, _ = files
+    config, _ = mkc.translate(mk(root, params={"rescale": True}))
+    assert config["params"]["trim_rescale"] == "l1"
+    assert "trim_rescale" not in mkc.translate(mk(root))[0]["params"]
+
+
 def test_global_parameters_are_per_model_defaults(files):
     root, _, _ = files
     config, _ = mkc.translate(mk(root, per_model=({}, {"density": 0.9}), params={"weight": 0.5, "density": 0.2}))
@@ -110,7 +117,6 @@ REJECTED = [
     ({"parameters": {"lambda": [0.5, 1.0]}}, r"lambda is \[0.5, 1.0\]: mergekit gradients and per-layer filters are "
                                              r"not supported yet"),
     ({"parameters": {"lambda": [{"filter": "mlp", "value": 0.5}]}}, r"gradients and per-layer filters"),
-    ({"parameters": {"rescale": True}}, r"ties with rescale: true .* is not supported yet"),
     ({"dtype": "float8"}, r"mergekit dtype 'float8' is not supported; use one of \['float32', 'float16', 'bfloat16'\]"),
     ({"out_dtype": "int8"}, r"mergekit out_dtype 'int8' is not supported"),
     ({"tokenizer_source": "union"}, r"tokenizer_source 'union' is not supported .* use tokenizer_source: base"),

@@ -317,7 +317,7 @@ def test_report_and_card_list_params_from_registry(files, capsys):
     assert code == 0, err
     report = json.loads((out / "merge_report.json").read_text())
     assert report["params"] == {"scaling": 0.5, "density": 0.2, "trim_scope": "global", "trim_count": "kthvalue",
-                                "weighting": "mergekit", "sign_method": "sum", "disjoint": "mean",
+                                "trim_rescale": "none", "weighting": "mergekit", "sign_method": "sum", "disjoint": "mean",
                                 "zero_sign": "majority"}
     assert report["transforms"] == [{"name": "dare", "drop_rate": 0.2, "seed": 1, "rescale": True, "min_norm": 0.0}]
     card = (out / "README.md").read_text()

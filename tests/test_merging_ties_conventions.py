@@ -42,12 +42,21 @@ def kth_trim_naive(x, density):
     return (flat * (flat.abs() >= flat.abs().kthvalue(r).values)).view(x.shape)
 
 
-def mergekit_ties_naive(pre, tvs, weights, densities, normalize=True, lam=1.0):
-    """mergekit's ties from its definition, per tensor: exact trim (min 1), weight, elect the sign
-    of the weighted sum (0 -> +), keep agreeing entries, divide by the sum of agreeing weights."""
+def l1_rescaled(x, trimmed):
+    before, after = x.abs().sum(), trimmed.abs().sum()
+    return trimmed if before < 1e-7 or after < 1e-7 else trimmed * (before / after)
+
+
+def mergekit_ties_naive(pre, tvs, weights, densities, normalize=True, lam=1.0, rescale=False):
+    """mergekit's ties from its definition, per tensor: exact trim (min 1; with rescale, back to the
+    L1 norm), weight, elect the sign of the weighted sum (0 -> +), keep agreeing entries, divide by
+    the sum of agreeing weights."""
     out = {}
     for k in SHAPES:
-        d = torch.stack([exact_trim_naive(tv[k], dens, True) * w for tv, w, dens in zip(tvs, weights, densities)])
+        trimmed = [exact_trim_naive(tv[k], dens, True) for tv, dens in zip(tvs, densities)]
+        if rescale:
+            trimmed = [l1_rescaled(tv[k], t) for tv, t in zip(tvs, trimmed)]
+        d = torch.stack([t * w for t, w in zip(trimmed, weights)])
         elected = torch.where(d.sum(0) >= 0, 1.0, -1.0)
         agree = torch.sign(d) == elected
         merged = (d * agree).sum(0)
@@ -66,12 +75,13 @@ def ties_kw(**kw):
 
 @pytest.mark.parametrize("integer", [False, True])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_mergekit_conventions_match_definition(integer, normalize):
+@pytest.mark.parametrize("rescale", [False, True])
+def test_mergekit_conventions_match_definition(integer, normalize, rescale):
     pre, tvs = make(3, seed=1, integer=integer)
     weights, densities = [1.0, 0.5, -0.7], [0.3, 0.6, 0.9]
     got = ties_merging(pre, tvs, scaling=0.8, density=densities, weights=weights,
-                       **ties_kw(disjoint="mean" if normalize else "sum"))
-    want = mergekit_ties_naive(pre, tvs, weights, densities, normalize, 0.8)
+                       trim_rescale="l1" if rescale else "none", **ties_kw(disjoint="mean" if normalize else "sum"))
+    want = mergekit_ties_naive(pre, tvs, weights, densities, normalize, 0.8, rescale)
     for k in SHAPES:
         torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6, msg=k)
 
@@ -163,6 +173,8 @@ def test_defaults_unchanged_by_the_new_options():
 
 def test_rejections():
     pre, tvs = make(2)
+    with pytest.raises(ParamError, match="trim_rescale l1 rescales each tensor after its own trim"):
+        ties_merging(pre, tvs, trim_rescale="l1")
     with pytest.raises(ParamError, match="trim_count exact counts entries per tensor"):
         ties_merging(pre, tvs, trim_count="exact")
     with pytest.raises(ParamError, match=r"scaling is lambda, one number.*weights=\[\.\.\.\]"):

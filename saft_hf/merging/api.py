@@ -146,7 +146,7 @@ def weighted_average(state_dicts: Sequence[StateDict], weights=None, normalize: 
 def ties_merging(pretrained: StateDict, task_vectors, scaling: float = 1.0, density=0.2,
                  trim_scope: str = "global", sign_method: str = "sum", disjoint: str = "mean",
                  zero_sign: str = "majority", trim_count: str = "kthvalue", weights=None,
-                 weighting: str = "mergekit") -> dict[str, torch.Tensor]:
+                 weighting: str = "mergekit", trim_rescale: str = "none") -> dict[str, torch.Tensor]:
     """TIES-merging: trim each task vector to its top `density` fraction by magnitude (over the
     whole model with trim_scope="global", or per tensor), elect a sign per entry (sign of the sum
     of trimmed values, or of the count of signs), average (or sum) the entries agreeing with it,
@@ -155,14 +155,16 @@ def ties_merging(pretrained: StateDict, task_vectors, scaling: float = 1.0, dens
     `density` may be one number per task; `weights` (one per task) weight the trimmed task
     vectors inside the disjoint mean (`weighting` "mergekit" or "peft"); `trim_count` "exact" /
     "exact_min1" keep exactly int(n*density) / max(1, int(n*density)) entries per tensor (PEFT /
-    mergekit). See docs/merging.md for the settings that reproduce each tool."""
+    mergekit); `trim_rescale="l1"` scales each trimmed tensor back to its L1 norm (mergekit's
+    `rescale: true`). See docs/merging.md for the settings that reproduce each tool."""
     if isinstance(scaling, (list, tuple)):
         raise registry.ParamError(
             f"ties_merging scaling is lambda, one number that multiplies the merged task vector, got {list(scaling)}; "
             "for one coefficient per task pass weights=[...] (they weight the task vectors inside the disjoint "
             "mean), or use task_arithmetic(scaling=[...])")
     params = dict(scaling=scaling, density=density, trim_scope=trim_scope, sign_method=sign_method,
-                  disjoint=disjoint, zero_sign=zero_sign, trim_count=trim_count, weighting=weighting)
+                  disjoint=disjoint, zero_sign=zero_sign, trim_count=trim_count, weighting=weighting,
+                  trim_rescale=trim_rescale)
     if weights is not None:
         params["weights"] = weights
     return merge("ties", pretrained, task_vectors, **params)

@@ -77,12 +77,15 @@ def _coefficients(shared: dict, weights: list[float]) -> list[float]:
     return [w * shared.get("lambda", 1.0) for w in weights]
 
 
-def _ties_params(shared: dict, weights: list[float], density) -> dict:
+def _ties_params(shared: dict, weights: list[float], density, trim_rescale: str = "none") -> dict:
     """saft-hf TIES set up as mergekit's consensus merge: per-tensor exact trim (max(1, int(n*d))),
     signs elected on weighted deltas (sum; 0 -> +), mean over the agreeing weights if normalize."""
-    return {"scaling": shared["lambda"], "density": density, "trim_scope": "per_tensor", "trim_count": "exact_min1",
-            "weights": weights, "weighting": "mergekit", "sign_method": "sum",
-            "disjoint": "mean" if shared["normalize"] else "sum", "zero_sign": "positive"}
+    out = {"scaling": shared["lambda"], "density": density, "trim_scope": "per_tensor", "trim_count": "exact_min1",
+           "weights": weights, "weighting": "mergekit", "sign_method": "sum",
+           "disjoint": "mean" if shared["normalize"] else "sum", "zero_sign": "positive"}
+    if trim_rescale != "none":
+        out["trim_rescale"] = trim_rescale
+    return out
 
 
 def _densities(per_model: dict, method: str) -> list[float]:
@@ -116,10 +119,8 @@ def _task_arithmetic(shared, per_model):
 
 
 def _ties(shared, per_model):
-    if shared["rescale"]:
-        raise ParamError("mergekit ties with rescale: true (L1 rescale after the magnitude trim) is not supported yet; "
-                         "remove `rescale` (mergekit's default for ties is false)")
-    return _ties_params(shared, per_model["weight"], _densities(per_model, "ties")), []
+    rescale = "l1" if shared["rescale"] else "none"  # rescale: true = L1 rescale after the magnitude trim
+    return _ties_params(shared, per_model["weight"], _densities(per_model, "ties"), rescale), []
 
 
 def _dare_ties(shared, per_model):

@@ -34,6 +34,10 @@ TRIM_COUNTS = ("kthvalue", "exact", "exact_min1")
 # signs and divides the kept sum by the sum of the weights of the agreeing models; PEFT elects
 # signs on the unweighted values and divides by the number of agreeing models.
 WEIGHTINGS = ("mergekit", "peft")
+# mergekit's `rescale: true` for ties: after the per-tensor trim, each task's tensor is scaled
+# back to its L1 norm (left as is when either norm is below 1e-7).
+TRIM_RESCALES = ("none", "l1")
+L1_RESCALE_EPS = 1e-7
 SIGN_METHODS = ("sum", "count")
 DISJOINT_MODES = ("mean", "sum")
 ZERO_SIGNS = ("majority", "positive")
@@ -116,21 +120,25 @@ def exact_trim(delta: torch.Tensor, density: float, trim_count: str):
 
 
 def ties_direction(deltas, thresholds: list, sign_method: str, disjoint: str, zero_sign_value: int | None,
-                   scratch=None, weights: Sequence[float] | None = None, weighting: str = "mergekit"):
+                   scratch=None, weights: Sequence[float] | None = None, weighting: str = "mergekit",
+                   scales: Sequence | None = None):
     """Merged (unscaled) TIES delta of one tensor (or row block), the sum of its elected signs,
     and whether some entry has elected sign 0 while a trimmed entry there is non-zero (such
     entries need the model-wide majority sign).
 
     thresholds: per task, None (keep all), a magnitude threshold (keep |x| >= it) or a bool mask
     of this block (exact trims). weights: per-task weights (None: unweighted, the paper), used
-    as `weighting` says (WEIGHTINGS)."""
+    as `weighting` says (WEIGHTINGS). scales: per-task factors (or None) applied right after the
+    trim (trim_rescale l1)."""
     stacked = deltas if isinstance(deltas, torch.Tensor) else torch.stack(deltas)  # T x ... (modified in place)
-    if any(isinstance(thr, torch.Tensor) for thr in thresholds):
+    if any(isinstance(thr, torch.Tensor) for thr in thresholds) or scales is not None:
         for t, thr in enumerate(thresholds):  # exact trims: masks per task (thresholds where no tie)
             if isinstance(thr, torch.Tensor):
                 stacked[t].mul_(thr)
             elif thr is not None:
                 stacked[t].mul_(stacked[t].abs() >= thr)
+            if scales is not None and scales[t] is not None:
+                stacked[t].mul_(scales[t])
         thresholds = [None] * len(thresholds)
     if weights is not None:
         return _weighted_direction(stacked, thresholds, sign_method, disjoint, zero_sign_value, weights, weighting)
@@ -202,20 +210,37 @@ def _weighted_direction(stacked, thresholds, sign_method, disjoint, zero_sign_va
     return merged, elected_sum, ambiguous
 
 
+def _l1_scale(delta: torch.Tensor, rule):
+    """mergekit's L1 rescale of a trimmed tensor: norm(delta) / norm(trimmed) as a 0-d tensor,
+    or None (nothing trimmed, or a norm below 1e-7)."""
+    if rule is None:
+        return None
+    trimmed = delta * rule if isinstance(rule, torch.Tensor) else delta * (delta.abs() >= rule)
+    before, after = delta.abs().sum(), trimmed.abs().sum()
+    if before < L1_RESCALE_EPS or after < L1_RESCALE_EPS:
+        return None
+    return before / after
+
+
 def _thresholds(ctx) -> list:
     """The trim rules for the current tensor (block): model-wide thresholds, or this tensor's
-    own per task (a threshold, or for exact counts with ties a bool mask, sliced to the block)."""
+    own per task (a threshold, or for exact counts with ties a bool mask, sliced to the block).
+    With trim_rescale l1 also each task's L1 factor (ctx.key_state["scales"])."""
     p = ctx.params
     if p["trim_scope"] == "global":
         return ctx.state["thresholds"]
     if "thresholds" not in ctx.key_state:  # per tensor: each task's whole tensor, one at a time
         pre_full = ctx.base.get(ctx.key)
         densities = engine.per_task(p["density"], ctx.num_tasks, "density")
-        if p["trim_count"] == "kthvalue":
-            rules = [_per_tensor_threshold(tv.get(ctx.key, pre_full), d) for tv, d in zip(ctx.tasks, densities)]
-        else:
-            rules = [exact_trim(tv.get(ctx.key, pre_full), d, p["trim_count"]) for tv, d in zip(ctx.tasks, densities)]
+        rules, scales = [], []
+        for tv, d in zip(ctx.tasks, densities):
+            delta = tv.get(ctx.key, pre_full)
+            rule = _per_tensor_threshold(delta, d) if p["trim_count"] == "kthvalue" else exact_trim(delta, d, p["trim_count"])
+            rules.append(rule)
+            if p["trim_rescale"] == "l1":
+                scales.append(_l1_scale(delta, rule))
         ctx.key_state["thresholds"] = rules
+        ctx.key_state["scales"] = scales if p["trim_rescale"] == "l1" else None
     rules = ctx.key_state["thresholds"]
     if ctx.rows is not None and any(isinstance(r, torch.Tensor) for r in rules):
         rules = [r[ctx.rows[0]:ctx.rows[1]] if isinstance(r, torch.Tensor) else r for r in rules]
@@ -240,7 +265,8 @@ def kernel(deltas, ctx):
     else:
         zero_sign = 1 if p["zero_sign"] == "positive" else None
     merged, elected_sum, ambiguous = ties_direction(deltas, _thresholds(ctx), p["sign_method"], p["disjoint"],
-                                                    zero_sign, ctx.state["work"], p.get("weights"), p["weighting"])
+                                                    zero_sign, ctx.state["work"], p.get("weights"), p["weighting"],
+                                                    ctx.key_state.get("scales"))
     if not ctx.final:
         ctx.state["sign_total"] += elected_sum
         if zero_sign is None and ambiguous:
@@ -258,6 +284,9 @@ def after_pass(ctx) -> None:
 
 
 def check(params: dict, num_tasks: int | None) -> None:
+    if params["trim_rescale"] != "none" and params["trim_scope"] != "per_tensor":
+        raise ParamError("ties trim_rescale l1 rescales each tensor after its own trim (mergekit); "
+                         "set trim_scope: per_tensor")
     if params["trim_count"] != "kthvalue" and params["trim_scope"] != "per_tensor":
         raise ParamError(f"ties trim_count {params['trim_count']} counts entries per tensor (PEFT / mergekit); "
                          "set trim_scope: per_tensor, or use trim_count: kthvalue with trim_scope: global")
@@ -275,6 +304,9 @@ register_method(MergeMethod(
         Param("trim_count", "choice", "kthvalue", "kthvalue: keep |x| >= the kthvalue threshold (paper, FusionBench); "
               "exact: exactly int(n*density) (PEFT); exact_min1: max(1, int(n*density)) (mergekit); "
               "exact counts need trim_scope per_tensor", choices=TRIM_COUNTS),
+        Param("trim_rescale", "choice", "none", "none: trimmed entries keep their values (paper, PEFT); l1: scale "
+              "each trimmed tensor back to its L1 norm (mergekit's rescale: true; needs trim_scope per_tensor)",
+              choices=TRIM_RESCALES),
         Param("weights", "per_task_float", None, "per-model weights of the trimmed task vectors (omit: unweighted, "
               "paper); one number or one per model"),
         Param("weighting", "choice", "mergekit", "with weights - mergekit: elect signs on weighted values, mean "
