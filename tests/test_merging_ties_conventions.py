@@ -94,6 +94,19 @@ def test_unit_weights_give_the_unweighted_result():
         torch.testing.assert_close(plain[k], weighted[k], rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("weighting", ["mergekit", "peft"])
+def test_unit_weights_with_the_papers_majority_zero_sign(weighting):
+    """Integer deltas: many exact sign ties, resolved by the model-wide majority (deferred blocks);
+    unit weights must give the paper's unweighted result through the weighted code path."""
+    pre, tvs = make(4, seed=9, integer=True)
+    plain = ties_merging(pre, tvs, density=0.5)
+    weighted = ties_merging(pre, tvs, density=0.5, weights=[1.0] * 4, weighting=weighting)
+    for k in SHAPES:
+        torch.testing.assert_close(plain[k], weighted[k], rtol=0, atol=1e-7)
+    positive = ties_merging(pre, tvs, density=0.5, zero_sign="positive")
+    assert any(not torch.equal(plain[k], positive[k]) for k in SHAPES)  # the majority sign (-) mattered
+
+
 @pytest.mark.parametrize("sign", [("sum", "total"), ("count", "frequency")])
 @pytest.mark.parametrize("density", [0.3, 0.05, 1.0])
 @pytest.mark.filterwarnings("ignore:The density 1.0")

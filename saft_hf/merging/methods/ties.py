@@ -109,12 +109,11 @@ def exact_trim(delta: torch.Tensor, density: float, trim_count: str):
         return torch.zeros(delta.shape, dtype=torch.bool)
     mags = delta.reshape(-1).abs()
     thr = mags.kthvalue(n - k + 1).values  # the k-th largest magnitude
-    above = mags > thr
-    at = mags == thr
-    need = k - int(above.sum())
-    if need == int(at.sum()):
+    if int(torch.count_nonzero(mags >= thr)) == k:  # no tie at the threshold (the usual case)
         return thr.item()
-    at_positions = at.nonzero().squeeze(1)[:need]
+    above = mags > thr
+    need = k - int(torch.count_nonzero(above))
+    at_positions = (mags == thr).nonzero().squeeze(1)[:need]
     above[at_positions] = True
     return above.reshape(delta.shape)
 
@@ -140,9 +139,10 @@ def ties_direction(deltas, thresholds: list, sign_method: str, disjoint: str, ze
             if scales is not None and scales[t] is not None:
                 stacked[t].mul_(scales[t])
         thresholds = [None] * len(thresholds)
-    if weights is not None:
-        return _weighted_direction(stacked, thresholds, sign_method, disjoint, zero_sign_value, weights, weighting)
     work = (scratch or engine.Scratch()).take(stacked.shape, stacked.dtype)  # a T x ... temporary, reused
+    if weights is not None:
+        return _weighted_direction(stacked, thresholds, sign_method, disjoint, zero_sign_value, weights, weighting,
+                                   work)
     if any(thr is not None for thr in thresholds):
         thr = torch.tensor([-1.0 if t is None else t for t in thresholds], dtype=stacked.dtype)
         # trim in place: multiply by the 1.0/0.0 mask (|x| >= thr) computed into the work buffer
@@ -178,31 +178,38 @@ def _elect(values, sign_method: str):
     return torch.sign(values.sum(0) if sign_method == "sum" else torch.sign(values).sum(0))
 
 
-def _weighted_direction(stacked, thresholds, sign_method, disjoint, zero_sign_value, weights, weighting):
-    """TIES with per-task weights (trimmed `stacked`, modified in place). mergekit: signs elected
-    on the weighted deltas, mean = kept sum / sum of the weights of the agreeing tasks; PEFT:
-    signs elected on the unweighted deltas, mean = kept weighted sum / number of agreeing tasks."""
+def _weighted_direction(stacked, thresholds, sign_method, disjoint, zero_sign_value, weights, weighting, work):
+    """TIES with per-task weights (trimmed `stacked`, modified in place; `work`: a T x ...
+    scratch buffer). mergekit: signs elected on the weighted deltas, mean = kept sum / sum of
+    the weights of the agreeing tasks; PEFT: signs elected on the unweighted deltas, mean = kept
+    weighted sum / number of agreeing tasks."""
+    shape = (-1, *([1] * (stacked.dim() - 1)))
     if any(thr is not None for thr in thresholds):
         thr = torch.tensor([-1.0 if t is None else t for t in thresholds], dtype=stacked.dtype)
-        stacked.mul_(stacked.abs() >= thr.view(-1, *([1] * (stacked.dim() - 1))))
-    if bool(torch.isnan(stacked.sum(0)).any()):
-        raise ValueError("a task vector contains NaN (or inf - inf); fix the checkpoint before merging")
-    w = torch.tensor(list(weights), dtype=stacked.dtype).view(-1, *([1] * (stacked.dim() - 1)))
+        stacked.mul_(torch.ge(torch.abs(stacked, out=work), thr.view(shape), out=work))
+    w = torch.tensor(list(weights), dtype=stacked.dtype).view(shape)
     if weighting == "mergekit":
         stacked.mul_(w)
-    elected = _elect(stacked, sign_method)
+    summed = stacked.sum(0)
+    if bool(torch.isnan(summed).any()):  # (NaN has sign 0 and would pass silently)
+        raise ValueError("a task vector contains NaN (or inf - inf); fix the checkpoint before merging")
+    elected = torch.sign(summed if sign_method == "sum" else torch.sign(torch.sign(stacked, out=work).sum(0)))
     elected_sum = int(elected.sum().item())
     zero = elected == 0
-    ambiguous = bool(zero.any()) and bool((stacked * zero).any())
-    if zero_sign_value is not None and ambiguous:
+    ambiguous = False
+    if zero_sign_value is not None:
+        # (where every entry is 0 the sign changes nothing: no entry agrees with either sign)
         elected = torch.where(zero, torch.full_like(elected, zero_sign_value), elected)
-    agree = (stacked * elected) > 0  # non-zero entries with the elected sign
+    elif bool(zero.any()):  # the caller defers blocks with a non-zero entry where the elected sign is 0
+        where_zero = zero.reshape(-1).nonzero().squeeze(1)
+        ambiguous = bool(stacked.reshape(len(stacked), -1).index_select(1, where_zero).any())
+    agree = torch.mul(stacked, elected, out=work) > 0  # non-zero entries with the elected sign
     if weighting == "peft":
         stacked.mul_(w)
-    merged = (stacked * agree).sum(0)
+    merged = stacked.mul_(agree).sum(0)
     if disjoint == "mean":
         if weighting == "mergekit":
-            divisor = (w * agree).sum(0)
+            divisor = torch.mul(w, agree, out=work).sum(0)
             divisor[divisor == 0] = 1
         else:
             divisor = agree.sum(0).to(stacked.dtype).clamp_(min=1)
