@@ -22,7 +22,7 @@ from ..taskvectors import TaskVector
 from ..topk import kth_rank_for_density, multi_thresholds, sample_entries, selection_dtype
 
 TRIM_SCOPES = ("global", "per_tensor")
-# How many entries a trim keeps (see docs/merging.md, "Matching other tools"):
+# How many entries a trim keeps (docs/merging.md, "Which setting reproduces which tool"):
 #   kthvalue:    every |x| >= the kthvalue threshold (TIES paper code, FusionBench; ties at the
 #                threshold are all kept, so possibly more than int(n*d))
 #   exact:       exactly int(n*d) entries (PEFT's topk; 0 if n*d < 1)
@@ -172,10 +172,6 @@ def ties_direction(deltas, thresholds: list, sign_method: str, disjoint: str, ze
         # (much faster than count_nonzero over dim 0; counts <= T are exact in floating point)
         merged = merged / torch.sign(agreeing, out=work).sum(0).clamp_(min=1)
     return merged, elected_sum, ambiguous
-
-
-def _elect(values, sign_method: str):
-    return torch.sign(values.sum(0) if sign_method == "sum" else torch.sign(values).sum(0))
 
 
 def _weighted_direction(stacked, thresholds, sign_method, disjoint, zero_sign_value, weights, weighting, work):
