@@ -157,7 +157,7 @@ def ties_merging(pretrained: StateDict, task_vectors, scaling: float = 1.0, dens
     "exact_min1" keep exactly int(n*density) / max(1, int(n*density)) entries per tensor (PEFT /
     mergekit); `trim_rescale="l1"` scales each trimmed tensor back to its L1 norm (mergekit's
     `rescale: true`). See docs/merging.md for the settings that reproduce each tool."""
-    if isinstance(scaling, (list, tuple)):
+    if isinstance(scaling, (list, tuple)) and all(isinstance(x, (int, float)) for x in scaling):
         raise registry.ParamError(
             f"ties_merging scaling is lambda, one number that multiplies the merged task vector, got {list(scaling)}; "
             "for one coefficient per task pass weights=[...] (they weight the task vectors inside the disjoint "
