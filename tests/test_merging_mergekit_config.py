@@ -41,13 +41,14 @@ def mk(root, method="ties", params=None, per_model=({"weight": 1.0, "density": 0
 # ------------------------------------------------------------------------------ the mapping table
 def test_ties_translation(files):
     root, _, _ = files
-    config, notes = mkc.translate(mk(root, params={"normalize": False, "lambda": 0.7}, dtype="float32"))
-    assert config["method"] == "ties" and config["transforms"] == [] and config["out_dtype"] == "float32"
+    config, notes = mkc.translate(mk(root, params={"normalize": False, "lambda": 0.7}, dtype="bfloat16"))
+    assert config["method"] == "ties" and config["transforms"] == [] and config["out_dtype"] == "bfloat16"
     assert config["params"] == {"scaling": 0.7, "density": [0.5, 0.3], "trim_scope": "per_tensor",
                                 "trim_count": "exact_min1", "weights": [1.0, 0.5], "weighting": "mergekit",
                                 "sign_method": "sum", "disjoint": "sum", "zero_sign": "positive"}
     assert "merge_method ties runs as saft-hf ties" in notes[0]
-    assert any("computes in float32" in n for n in notes)
+    assert any("dtype bfloat16: mergekit computes in it; saft-hf computes in float32" in n for n in notes)
+    assert not any("computes in float32" in n for n in mkc.translate(mk(root, dtype="float32"))[1])
 
 
 def test_defaults_follow_mergekit_per_method(files):
@@ -167,7 +168,7 @@ def test_cli_runs_a_mergekit_yaml(files, capsys):
     cfg = mk(root, params={"lambda": 0.9}, dtype="float32", tokenizer_source="base")
     code, out, err = run_cli(root, cfg, capsys)
     assert code == 0, err
-    assert "mergekit config: merge_method ties runs as saft-hf ties" in out
+    assert "mergekit config (saved as mergekit_config.yml): merge_method ties runs as saft-hf ties" in out
     got = load_file(str(root / "out" / "model.safetensors"))
     want = merge_finetuned("ties", pre, fts, scaling=0.9, density=[0.5, 0.3], trim_scope="per_tensor",
                            trim_count="exact_min1", weights=[1.0, 0.5], zero_sign="positive")

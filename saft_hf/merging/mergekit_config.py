@@ -176,7 +176,7 @@ def _gta_shared(normalize: bool, rescale: bool) -> dict:
 
 
 _WD = {"weight": (float, REQUIRED), "density": (float, 1.0)}
-_EXACT = "exact (bit for bit) on float32 checkpoints with dtype float32"
+_EXACT = "bit for bit on float32 checkpoints with dtype float32"
 _CLOSE = "equal up to float32 rounding (coefficients are folded into one per model)"
 _RANDOM = "same distribution; random masks differ from mergekit's (its global torch RNG); exact at density 1"
 
@@ -342,11 +342,12 @@ def translate(raw: Mapping) -> tuple[dict, list[str]]:
     config = {"method": row.method, "pretrained": pretrained, "models": [{"path": m} for m in models],
               "params": params, "transforms": transforms, "out_dtype": out_dtype}
     shown = f" with {', '.join(t['name'] for t in transforms)} in front" if transforms else ""
-    notes = [f"mergekit config: merge_method {name} runs as saft-hf {row.method}{shown} ({row.matches})"]
+    notes = [f"mergekit config (saved as mergekit_config.yml): merge_method {name} runs as saft-hf "
+             f"{row.method}{shown}; vs mergekit 0.1.5: {row.matches}"]
     notes += list(row.notes)
     if shared.get("int8_mask"):
         notes.append("int8_mask only sets the dtype of mergekit's sign mask (memory); it changes no value here")
-    if raw.get("dtype") is not None:
+    if raw.get("dtype") not in (None, "float32"):
         notes.append(f"dtype {raw['dtype']}: mergekit computes in it; saft-hf computes in float32 (float64 for "
                      f"float64 checkpoints) and writes {out_dtype}")
     return config, notes
