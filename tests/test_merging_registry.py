@@ -316,12 +316,13 @@ def test_report_and_card_list_params_from_registry(files, capsys):
                                                transforms=[{"name": "dare", "drop_rate": 0.2, "seed": 1}]), capsys)
     assert code == 0, err
     report = json.loads((out / "merge_report.json").read_text())
-    assert report["params"] == {"scaling": 0.5, "density": 0.2, "trim_scope": "global", "sign_method": "sum",
-                                "disjoint": "mean", "zero_sign": "majority"}
-    assert report["transforms"] == [{"name": "dare", "drop_rate": 0.2, "seed": 1, "rescale": True}]
+    assert report["params"] == {"scaling": 0.5, "density": 0.2, "trim_scope": "global", "trim_count": "kthvalue",
+                                "trim_rescale": "none", "weighting": "mergekit", "sign_method": "sum", "disjoint": "mean",
+                                "zero_sign": "majority"}
+    assert report["transforms"] == [{"name": "dare", "drop_rate": 0.2, "seed": 1, "rescale": True, "min_norm": 0.0}]
     card = (out / "README.md").read_text()
     assert "`scaling`: `0.5` - lambda" in card and "`density`: `0.2` (default)" in card
-    assert "Transform before merging: `dare` (drop_rate=0.2, seed=1, rescale=True)" in card
+    assert "Transform before merging: `dare` (drop_rate=0.2, seed=1, rescale=True, min_norm=0.0)" in card
 
 
 def test_row_blocks_unless_whole_tensors(monkeypatch):

@@ -143,15 +143,31 @@ def weighted_average(state_dicts: Sequence[StateDict], weights=None, normalize: 
     return merge_finetuned("weighted_average", None, state_dicts, **params)
 
 
-def ties_merging(pretrained: StateDict, task_vectors, scaling: float = 1.0, density: float = 0.2,
+def ties_merging(pretrained: StateDict, task_vectors, scaling: float = 1.0, density=0.2,
                  trim_scope: str = "global", sign_method: str = "sum", disjoint: str = "mean",
-                 zero_sign: str = "majority") -> dict[str, torch.Tensor]:
+                 zero_sign: str = "majority", trim_count: str = "kthvalue", weights=None,
+                 weighting: str = "mergekit", trim_rescale: str = "none") -> dict[str, torch.Tensor]:
     """TIES-merging: trim each task vector to its top `density` fraction by magnitude (over the
     whole model with trim_scope="global", or per tensor), elect a sign per entry (sign of the sum
     of trimmed values, or of the count of signs), average (or sum) the entries agreeing with it,
-    and add `scaling` times the result to the pretrained weights. Defaults = TIES paper code."""
-    return merge("ties", pretrained, task_vectors, scaling=scaling, density=density, trim_scope=trim_scope,
-                 sign_method=sign_method, disjoint=disjoint, zero_sign=zero_sign)
+    and add `scaling` times the result to the pretrained weights. Defaults = TIES paper code.
+
+    `density` may be one number per task; `weights` (one per task) weight the trimmed task
+    vectors inside the disjoint mean (`weighting` "mergekit" or "peft"); `trim_count` "exact" /
+    "exact_min1" keep exactly int(n*density) / max(1, int(n*density)) entries per tensor (PEFT /
+    mergekit); `trim_rescale="l1"` scales each trimmed tensor back to its L1 norm (mergekit's
+    `rescale: true`). See docs/merging.md for the settings that reproduce each tool."""
+    if isinstance(scaling, (list, tuple)) and all(isinstance(x, (int, float)) for x in scaling):
+        raise registry.ParamError(
+            f"ties_merging scaling is lambda, one number that multiplies the merged task vector, got {list(scaling)}; "
+            "for one coefficient per task pass weights=[...] (they weight the task vectors inside the disjoint "
+            "mean), or use task_arithmetic(scaling=[...])")
+    params = dict(scaling=scaling, density=density, trim_scope=trim_scope, sign_method=sign_method,
+                  disjoint=disjoint, zero_sign=zero_sign, trim_count=trim_count, weighting=weighting,
+                  trim_rescale=trim_rescale)
+    if weights is not None:
+        params["weights"] = weights
+    return merge("ties", pretrained, task_vectors, **params)
 
 
 def dare(task_vector: StateDict, drop_rate: float, seed: int = 0, rescale=True) -> dict[str, torch.Tensor]:
@@ -161,6 +177,9 @@ def dare(task_vector: StateDict, drop_rate: float, seed: int = 0, rescale=True) 
     streamed merge drops exactly the same entries. Use a different seed per task."""
     p = registry.validate_transform_params("dare", {"drop_rate": drop_rate, "seed": seed,
                                                     "rescale": "none" if rescale is None else rescale})
+    if isinstance(p["drop_rate"], list):
+        raise registry.ParamError("dare() transforms one task vector: give one drop_rate (per-task lists are for "
+                                  "merge(..., transforms=[{'name': 'dare', 'drop_rate': [...]}]))")
     mode = check_dare_args(p["drop_rate"], p["rescale"])
     out = {}
     seen: dict[int, torch.Tensor] = {}

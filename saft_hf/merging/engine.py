@@ -94,11 +94,11 @@ def find_nonfinite(base: TensorSource, tasks: Sequence[TaskVector], keys) -> Non
 
 def run_method(method: MergeMethod, params: dict, base: TensorSource, tasks: Sequence[TaskVector], plan: MergePlan,
                sink, progress: bool = True, mode: str = "weights", desc: str | None = None,
-               check_finite: bool = True) -> dict:
+               check_finite: bool = True, out_dtype: torch.dtype | None = None) -> dict:
     """Merge with `method` at the resolved `params` into `sink`; returns the method's report.
 
     mode="weights": the sink gets base_scale * theta_0 + merged delta in the pretrained dtype,
-    then the non-float buffers. mode="delta": the sink gets the merged delta itself (float32/64)
+    (or `out_dtype`), then the non-float buffers. mode="delta": the sink gets the merged delta itself (float32/64)
     for every merged key, so coefficient search can reuse it along the method's linear parameter.
 
     check_finite: refuse NaN/Inf, naming the model and tensor. It costs one pass over each
@@ -138,7 +138,7 @@ def run_method(method: MergeMethod, params: dict, base: TensorSource, tasks: Seq
             out = pre.to(merged.dtype)
             if scale != 1.0:
                 out = out * scale
-            out = (out + merged).to(pre.dtype)
+            out = (out + merged).to(out_dtype or pre.dtype)
         if check_finite and not all_finite(out):
             find_nonfinite(base, ctx.tasks, [key])
             raise NonFiniteError(f"merging {key!r} with {method.name} gives non-finite values although every input "
