@@ -138,19 +138,19 @@ def test_toy_method_in_demo_method_list(toy):
     from saft_hf.demo import report, study
 
     assert "toy_mean" in study.MERGES
-    row = next(r for r in study.merge_rows(study.StudyConfig()) if r.key == "toy_mean")
-    assert row.search and row.label == "toy mean (g searched)" and row.short_label == "toy"
+    row = next(m for m in study.study_methods(study.StudyConfig()) if m.name == "toy_mean")
+    assert row.grid == {"gain": [0.5, 1.0, 2.0]} and row.label == "toy mean (g searched)" and row.short_label == "toy"
     assert report._labels("toy_mean")["plot"] == "toy mean\n(g searched)"
     # the built-in rows keep their order and labels (the demo's table must not change)
-    keys = [r.key for r in study.merge_rows(study.StudyConfig())]
+    keys = [m.name for m in study.study_methods(study.StudyConfig())]
     assert keys[:4] == ["weighted_average", "task_arithmetic", "task_arithmetic_fixed", "ties"]
 
 
 def test_demo_rows_without_toy_are_the_papers():
     from saft_hf.demo import study
 
-    rows = study.merge_rows(study.StudyConfig(fixed_alpha=0.3))
-    assert [(r.key, r.search, r.fixed) for r in rows] == [
+    rows = study.study_methods(study.StudyConfig(fixed_alpha=0.3))
+    assert [(r.name, r.grid is not None, dict(r.params)) for r in rows] == [
         ("weighted_average", False, {}), ("task_arithmetic", True, {}),
         ("task_arithmetic_fixed", False, {"scaling": 0.3}), ("ties", True, {})]
     assert [r.label for r in rows] == ["weighted average", "task arithmetic (alpha searched)",
