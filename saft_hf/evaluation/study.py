@@ -96,7 +96,8 @@ def default_study_methods(methods: Sequence[str] | None = None, grids: Mapping[s
         if transforms:  # a search alias: the method with transforms in front
             base = " + ".join([m.label, *(registry.get_transform(t).label for t in transforms)])
             label = _searched_label(m, grid, base, base=base)
-            out.append(StudyMethod(name, label, name, {}, grid or None, registry._plot_label(label), label))
+            short = " + ".join([m.short_label, *(registry.get_transform(t).label for t in transforms)])
+            out.append(StudyMethod(name, label, name, {}, grid or None, registry._plot_label(label), short))
             continue
         label = _searched_label(m, grid, main.label) if grid else main.label
         plot = main.plot_label if label == main.label else registry._plot_label(label)
