@@ -146,6 +146,35 @@ def test_toy_method_in_demo_method_list(toy):
     assert keys[:4] == ["weighted_average", "task_arithmetic", "task_arithmetic_fixed", "ties"]
 
 
+def test_toy_method_runs_in_the_study_driver(toy):
+    """The shared study driver (demo, vision, GLUE) searches and merges the toy method like a built-in."""
+    from saft_hf.evaluation.study import default_study_methods, run_merge_study, search_scores
+    from saft_hf.pools import InMemoryModelPool, TaskInfo, TaskPool
+
+    class Pool(TaskPool):  # score of each task: 1 - |w - 0.75|
+        family = "toy"
+        tasks = ["a", "b"]
+
+        def task_info(self, task):
+            return TaskInfo(task, "toy")
+
+        def evaluate(self, model, split="validation", tasks=None, max_examples=None):
+            return {t: 1.0 - abs(float(model["w"]) - 0.75) for t in self.check_tasks(tasks)}
+
+        def unlabeled_inputs(self, task, split="validation", max_examples=None):
+            yield {}
+
+    methods = default_study_methods()
+    assert [m.name for m in methods][-1] == "toy_mean"
+    pool = InMemoryModelPool({"w": torch.tensor(0.0)}, {"a": {"w": torch.tensor(0.5)}, "b": {"w": torch.tensor(1.0)}})
+    result = run_merge_study(pool, Pool(), [m for m in methods if m.name == "toy_mean"], individual="evaluate",
+                             zero_shot=False, progress=False)
+    row = result["methods"]["toy_mean"]  # mean delta 0.75 x gain: gain 1.0 is exact
+    assert row["params"] == {"gain": 1.0} and row["coefficient"] == 1.0 and row["absolute"] == {"a": 1.0, "b": 1.0}
+    assert search_scores(row) == {0.5: 0.625, 1.0: 1.0, 2.0: 0.25}
+    assert row["merge_config"] == {"method": "toy_mean", "params": {"gain": 1.0}, "transforms": []}
+
+
 def test_demo_rows_without_toy_are_the_papers():
     from saft_hf.demo import study
 
