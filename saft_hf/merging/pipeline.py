@@ -15,6 +15,8 @@ import yaml
 from ..io_utils import atomic_directory, write_text_atomic
 from . import registry
 from .card import model_card
+from .data import check_data_spec, load_data
+from .datastats import checkpoint_location
 from .engine import run_method
 from .io import ShardedSafetensorsSink, is_lora_adapter, open_source, parse_size
 from .outputs import check_merge_output, copy_model_files, model_files_source
@@ -37,7 +39,9 @@ class MergeConfig:
     `params`: its parameters, checked against the registry. `transforms`: task-vector transforms
     in front of the method, e.g. [{name: dare, drop_rate: 0.5, seed: 0}] (`dare: {...}` is an
     alias of one DARE transform). `pretrained` may be omitted only for methods that do not need
-    it (weighted_average). `allow_nonfinite`: merge even if a checkpoint holds NaN/Inf."""
+    it (weighted_average). `allow_nonfinite`: merge even if a checkpoint holds NaN/Inf.
+    `data`: for methods that read data (RegMean, Fisher merging, AdaMerging), a Python callable
+    `package.module:function` (or {callable: ..., args: {...}}) returning a saft_hf.merging.data.MergeData."""
 
     models: list[dict]
     method: str = "task_arithmetic"
@@ -48,6 +52,7 @@ class MergeConfig:
     max_shard_size: str = "2GB"
     config: str | None = None  # where config.json/tokenizer come from if not beside `pretrained` (outputs.py)
     allow_nonfinite: bool = False
+    data: Any = None  # methods that read data: `package.module:function` returning a data.MergeData
 
     @classmethod
     def from_dict(cls, raw: dict) -> "MergeConfig":
@@ -125,6 +130,15 @@ class MergeConfig:
             raise ValueError(f"max_shard_size must be a size like 2GB or 500MB, got {_what(self.max_shard_size)}")
         parse_size(self.max_shard_size)
         self.resolved_params()
+        if method.needs_data and self.data is None:
+            raise ValueError(f"method {self.method} reads each task's inputs: add `data: package.module:function` to "
+                             "the merge config (a Python callable returning a saft_hf.merging.data.MergeData, e.g. "
+                             "an adapter of a task family)")
+        if self.data is not None and not method.needs_data:
+            raise ValueError(f"`data:` is given but method {self.method} does not read data; remove it (methods that "
+                             f"do: {[m for m in registry.method_names() if registry.get_method(m).needs_data]})")
+        if self.data is not None:
+            check_data_spec(self.data)
         if self.transform_specs() and not method.takes_task_vectors:
             raise ValueError(f"transforms (DARE, ...) apply to task vectors: {self.method} merges the models "
                              f"themselves; use one of {[m for m in registry.method_names() if registry.get_method(m).takes_task_vectors]}")
@@ -196,13 +210,19 @@ def merge_models(config: MergeConfig | dict | str, output_dir, overwrite: bool =
     for n in notes:
         logger.info(n)
 
+    data, locations = None, None
+    if method.needs_data:
+        data = load_data(config.data)
+        lora = [is_lora_adapter(m["path"]) for m in config.models]
+        locations = [checkpoint_location(m["path"], config.pretrained if is_lora else None)
+                     for m, is_lora in zip(config.models, lora)]
     stats: dict[str, Any] = {"method": config.method, "params": params,
                              "transforms": [{"name": n, **p} for n, p in config.transform_specs()]}
     with atomic_directory(output_dir, overwrite=overwrite, inputs=inputs) as tmp:
         layout = [(k, *base.info(k)) for k in plan.keys + plan.passthrough]
         sink = ShardedSafetensorsSink(tmp, layout, config.max_shard_size)
         stats.update(run_method(method, params, base, tasks, plan, sink, progress,
-                                check_finite=not config.allow_nonfinite))
+                                check_finite=not config.allow_nonfinite, data=data, stats_locations=locations))
         shards = sink.close()
         copied = copy_model_files(model_files, tmp)
         (tmp / "merge_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
