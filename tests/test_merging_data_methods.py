@@ -469,3 +469,111 @@ def test_yaml_data_source_and_disk_cache(tmp_path, monkeypatch):
     _save({k: v + 0.01 for k, v in fts["a"].items()}, tmp_path / "a")
     report = merging.merge_models(cfg, tmp_path / "out4", progress=False)
     assert [s["source"] for s in report["data"]["statistics"]] == ["computed", "disk cache", "disk cache"]
+
+
+# --- a tiny BERT (HF model, dict batches with attention masks) ----------------------------------
+
+
+class BertData(MergeData):
+    """Sequence classification with a tiny BertModel: logits = a fixed per-task head on [CLS]."""
+
+    def __init__(self, tasks=("a", "b")):
+        from transformers import BertConfig
+
+        self.config = BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=16, max_position_embeddings=16)
+        g = torch.Generator().manual_seed(5)
+        self.tasks = list(tasks)
+        self.inputs = {}
+        for t in self.tasks:
+            ids = torch.randint(1, 30, (6, 5), generator=g)
+            mask = torch.ones_like(ids)
+            mask[::2, 3:] = 0  # padded examples
+            self.inputs[t] = {"input_ids": ids * mask, "attention_mask": mask}
+        self.heads = {t: torch.randn(3, 8, generator=g) for t in self.tasks}
+
+    def model(self, state_dict):
+        from transformers import BertModel
+
+        m = BertModel(self.config, add_pooling_layer=False)
+        m.load_state_dict(state_dict)
+        return m.eval()
+
+    def batches(self, task, split):
+        x = self.inputs[task]
+        for i in range(0, 6, 3):
+            yield {k: v[i:i + 3] for k, v in x.items()}
+
+    def logits(self, model, batch, task):
+        return model(**batch).last_hidden_state[:, 0] @ self.heads[task].T
+
+
+def bert_models():
+    from transformers import BertModel
+
+    data = BertData()
+    torch.manual_seed(0)
+    theta0 = {k: v.clone() for k, v in BertModel(data.config, add_pooling_layer=False).state_dict().items()}
+    g = torch.Generator().manual_seed(9)
+    fts = {t: {k: (v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone())
+               for k, v in theta0.items()} for t in data.tasks}
+    return data, theta0, fts
+
+
+def test_tiny_bert_regmean_query_layer_equals_naive_formula_and_others_run():
+    data, theta0, fts = bert_models()
+    out = merging.regmean(fts, data, pretrained=theta0, alpha=0.9, examples=6)
+    key = "encoder.layer.0.attention.self.query.weight"
+    inputs = []
+    for t in data.tasks:  # the query layer's input: the embeddings output of model t, every token
+        m = data.model(fts[t])
+        with torch.no_grad():
+            h = m.embeddings(input_ids=data.inputs[t]["input_ids"])
+        inputs.append(h.reshape(-1, 8).double())
+    expected = naive_regmean_weight(inputs, [fts[t][key].double() for t in data.tasks], 0.9)
+    torch.testing.assert_close(out[key].double(), expected, rtol=1e-4, atol=1e-5)
+    bias = "encoder.layer.0.attention.self.query.bias"
+    torch.testing.assert_close(out[bias], (fts["a"][bias] + fts["b"][bias]) / 2)
+    fisher = merging.fisher_merging(fts, data, examples=4, estimator="sample")
+    ada = merging.adamerging(theta0, {t: merging.task_vector(theta0, fts[t]) for t in data.tasks}, data, steps=2)
+    for merged in (fisher, ada):
+        assert set(merged) == set(theta0) and all(torch.isfinite(v).all() for v in merged.values()
+                                                  if v.is_floating_point())
+
+
+def test_adamerging_from_yaml_reports_learned_coefficients(tmp_path, monkeypatch):
+    theta0, fts = models(n=2)
+    for t in ("a", "b"):
+        _save(fts[t], tmp_path / t)
+    _save(theta0, tmp_path / "base")
+    (tmp_path / "toy_ada_data.py").write_text(
+        "from tests.test_merging_data_methods import ToyData\n\ndef make():\n    return ToyData(tasks=['a', 'b'])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = {"pretrained": str(tmp_path / "base"), "models": [{"name": t, "path": str(tmp_path / t)} for t in "ab"],
+           "method": "adamerging", "params": {"granularity": "task", "steps": 3, "lr": 0.01},
+           "data": "toy_ada_data:make"}
+    merging.merge_models(cfg, tmp_path / "out", progress=False)
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    lam = report["adamerging"]["coefficients"]
+    assert set(lam) == {"a", "b"} and len(report["adamerging"]["entropy_per_step"]) == 3
+    from safetensors.torch import load_file
+
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for k in theta0:
+        expected = theta0[k] + lam["a"] * (fts["a"][k] - theta0[k]) + lam["b"] * (fts["b"][k] - theta0[k])
+        torch.testing.assert_close(merged[k], expected)
+
+
+def test_search_coefficients_over_regmean_alpha_reads_data_once():
+    theta0, fts = models()
+    data = ToyData()
+    taus = {t: merging.task_vector(theta0, fts[t]) for t in TASKS}
+    seen = []
+
+    def evaluate(sd):
+        seen.append(float(sd["fc1.weight"].sum()))
+        return {"a": -abs(seen[-1])}
+
+    result = merging.search_coefficients(theta0, taus, evaluate, method="regmean", grid={"alpha": [0.2, 1.0]},
+                                         data=data, progress=False)
+    assert len(result.points) == 2 and len(data.passes) == 3 and seen[0] != seen[1]
