@@ -577,3 +577,52 @@ def test_search_coefficients_over_regmean_alpha_reads_data_once():
     result = merging.search_coefficients(theta0, taus, evaluate, method="regmean", grid={"alpha": [0.2, 1.0]},
                                          data=data, progress=False)
     assert len(result.points) == 2 and len(data.passes) == 3 and seen[0] != seen[1]
+
+
+class ConvMLP(nn.Module):
+    """fc1 as an HF Conv1D (weight stored (in, out), like GPT-2), fc2 an nn.Linear."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.fc1 = Conv1D(D_HID, D_IN)
+        self.fc2 = nn.Linear(D_HID, C)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def test_row_blocks_and_conv1d_layout_give_the_same_merge(monkeypatch):
+    from saft_hf.merging import engine
+
+    torch.manual_seed(3)
+    theta0 = {k: v.detach().double().clone() for k, v in ConvMLP().state_dict().items()}
+    g = torch.Generator().manual_seed(4)
+    fts = {t: {k: v + 0.3 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in theta0.items()}
+           for t in TASKS}
+
+    class ConvData(ToyData):
+        def model(self, state_dict):
+            m = ConvMLP().double()
+            m.load_state_dict(state_dict)
+            return m.eval()
+
+    data = ConvData()
+    whole = {"regmean": merging.regmean(fts, data, alpha=0.8),
+             "fisher": merging.fisher_merging(fts, data, examples=6),
+             "ada": merging.adamerging(theta0, {t: merging.task_vector(theta0, fts[t]) for t in TASKS}, data,
+                                       steps=2, lr=0.01)}
+    # Conv1D: W (in, out) = (sum G_i)^-1 sum G_i W_i
+    grams = [data.x[t].T @ data.x[t] / 12 for t in TASKS]
+    grams = [0.8 * g_ + 0.2 * torch.diag(torch.diag(g_)) for g_ in grams]
+    expected = torch.linalg.solve(sum(grams), sum(g_ @ fts[t]["fc1.weight"] for g_, t in zip(grams, TASKS)))
+    torch.testing.assert_close(whole["regmean"]["fc1.weight"], expected, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(engine, "PIECE_ELEMENTS", 8)  # every weight now arrives in row blocks
+    blocks = {"regmean": merging.regmean(fts, data, alpha=0.8),
+              "fisher": merging.fisher_merging(fts, data, examples=6),
+              "ada": merging.adamerging(theta0, {t: merging.task_vector(theta0, fts[t]) for t in TASKS}, data,
+                                        steps=2, lr=0.01)}
+    for name in whole:
+        for k in theta0:
+            torch.testing.assert_close(blocks[name][k], whole[name][k], rtol=1e-6, atol=1e-9)
