@@ -178,8 +178,8 @@ register_method(MergeMethod(
     params=[
         Param("alpha", "float", 0.9, "scale of the off-diagonal Gram entries (1: exact regression; paper 0.9)",
               low=0.0, high=1.0, symbol="alpha"),
-        Param("examples", "int", 256, "examples per task for the Gram matrices (paper code: 1000 batches; "
-              "FusionBench CLIP: 256)", low=1),
+        Param("examples", "int", 256, "examples per task for the Gram matrices (paper configs: "
+              "gram_n_example 1000; FusionBench CLIP: 256)", low=1),
         Param("split", "choice", "train", "which inputs of each task (paper: training data)", choices=SPLITS),
     ],
     kernel=kernel,
