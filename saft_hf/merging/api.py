@@ -196,7 +196,8 @@ def regmean(finetuned, data, pretrained: StateDict | None = None, alpha: float =
     Gram matrix (mean of x x^T) of that layer's inputs on task i's first `examples` examples, its
     off-diagonal entries scaled by `alpha`; other tensors averaged. `finetuned`: the fine-tuned
     state dicts, as a list or a dict task name -> state dict; `data`: a MergeData (data.py).
-    `pretrained` is optional (the result is the same; it only sets the reference of the deltas).
+    `pretrained` is accepted for symmetry and not needed: the result depends on the fine-tuned
+    models only (the first one is the reference of the deltas).
     Gram matrices are cached per MergeData object, so changing only alpha does not re-read data."""
     return merge_finetuned("regmean", pretrained, finetuned, data=data, report=report, alpha=alpha,
                            examples=examples, split=split)
@@ -207,7 +208,8 @@ def fisher_merging(finetuned, data, pretrained: StateDict | None = None, weights
                    split: str = "train", report: dict | None = None) -> dict[str, torch.Tensor]:
     """Fisher merging (Matena & Raffel 2022): theta = sum_i c_i F_i theta_i / sum_i c_i F_i per
     entry, F_i the diagonal (true) Fisher of model i on its task's inputs floored at `epsilon`,
-    c_i = weights_i / ||F_i|| with `normalize` (paper code defaults). See methods/fisher_merging.py."""
+    c_i = weights_i / ||F_i|| with `normalize` (paper code defaults). See methods/fisher_merging.py.
+    `pretrained` is not needed (as for `regmean`); the Fisher statistics are cached per `data`."""
     params = {"epsilon": epsilon, "normalize": normalize, "examples": examples, "estimator": estimator,
               "seed": seed, "split": split}
     if weights is not None:
