@@ -35,6 +35,11 @@ semantics; methods and keys saft-hf does not support are refused by name. docs/m
 what matches mergekit bit for bit. mergekit methods supported now:
   MERGEKIT_METHODS
 
+Methods that read data (regmean, fisher_merging, adamerging) also need
+  data: mypkg.adapters:cars_dtd_data   # a callable returning a saft_hf.merging.data.MergeData
+(or data: {callable: mypkg.adapters:make, args: {...}}); RegMean/Fisher statistics are cached in
+<checkpoint>/.saft_merge_stats/ when the data has a fingerprint.
+
 Numbers and booleans are checked strictly: write `scaling: 0.4`, not `scaling: "0.4"`;
 `normalize: false`, not `normalize: "no"`. `dare: {drop_rate: 0.5}` is accepted as an alias of
 one DARE transform.

@@ -16,6 +16,8 @@ import yaml
 from ..io_utils import atomic_directory, write_text_atomic
 from . import registry
 from .card import model_card
+from .data import check_data_spec, load_data
+from .datastats import checkpoint_location
 from .engine import run_method
 from .io import ShardedSafetensorsSink, is_lora_adapter, open_source, parse_size
 from .outputs import check_merge_output, copy_model_files, model_files_source
@@ -46,7 +48,9 @@ class MergeConfig:
     pretrained model's dtype); the computation is float32 either way.
 
     A mergekit config (a mapping with `merge_method:`) is translated by `mergekit_config` into
-    this format; `mergekit_source` then holds the original (written as mergekit_config.yml)."""
+    this format; `mergekit_source` then holds the original (written as mergekit_config.yml).
+    `data`: for methods that read data (RegMean, Fisher merging, AdaMerging), a Python callable
+    `package.module:function` (or {callable: ..., args: {...}}) returning a saft_hf.merging.data.MergeData."""
 
     models: list[dict]
     method: str = "task_arithmetic"
@@ -58,6 +62,7 @@ class MergeConfig:
     config: str | None = None  # where config.json/tokenizer come from if not beside `pretrained` (outputs.py)
     allow_nonfinite: bool = False
     out_dtype: str | None = None
+    data: Any = None  # methods that read data: `package.module:function` returning a data.MergeData
 
     @classmethod
     def from_dict(cls, raw: dict) -> "MergeConfig":
@@ -146,6 +151,15 @@ class MergeConfig:
             raise ValueError(f"out_dtype must be one of {list(OUT_DTYPES)} (the dtype of the merged weights; the "
                              f"computation is float32 either way), got {_what(self.out_dtype)}")
         self.resolved_params()
+        if method.needs_data and self.data is None:
+            raise ValueError(f"method {self.method} reads each task's inputs: add `data: package.module:function` to "
+                             "the merge config (a Python callable returning a saft_hf.merging.data.MergeData, e.g. "
+                             "an adapter of a task family)")
+        if self.data is not None and not method.needs_data:
+            raise ValueError(f"`data:` is given but method {self.method} does not read data; remove it (methods that "
+                             f"do: {[m for m in registry.method_names() if registry.get_method(m).needs_data]})")
+        if self.data is not None:
+            check_data_spec(self.data)
         if self.transform_specs() and not method.takes_task_vectors:
             raise ValueError(f"transforms (DARE, ...) apply to task vectors: {self.method} merges the models "
                              f"themselves; use one of {[m for m in registry.method_names() if registry.get_method(m).takes_task_vectors]}")
@@ -223,6 +237,12 @@ def merge_models(config: MergeConfig | dict | str, output_dir, overwrite: bool =
     for n in notes:
         logger.info(n)
 
+    data, locations = None, None
+    if method.needs_data:
+        data = load_data(config.data)
+        lora = [is_lora_adapter(m["path"]) for m in config.models]
+        locations = [checkpoint_location(m["path"], config.pretrained if is_lora else None)
+                     for m, is_lora in zip(config.models, lora)]
     stats: dict[str, Any] = {"method": config.method, "params": params,
                              "transforms": [{"name": n, **p} for n, p in config.transform_specs()]}
     with atomic_directory(output_dir, overwrite=overwrite, inputs=inputs) as tmp:
@@ -231,7 +251,8 @@ def merge_models(config: MergeConfig | dict | str, output_dir, overwrite: bool =
             layout = [(k, shape, out_dtype if k in plan.keys else dt) for k, shape, dt in layout]
         sink = ShardedSafetensorsSink(tmp, layout, config.max_shard_size)
         stats.update(run_method(method, params, base, tasks, plan, sink, progress,
-                                check_finite=not config.allow_nonfinite, out_dtype=out_dtype))
+                                check_finite=not config.allow_nonfinite, out_dtype=out_dtype, data=data,
+                                stats_locations=locations))
         shards = sink.close()
         copied = copy_model_files(model_files, tmp)
         (tmp / "merge_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
