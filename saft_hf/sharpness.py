@@ -198,8 +198,11 @@ def global_max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """max |x| over all entries of `tensors` (over the shards for DTensors); inf/nan propagate."""
     if not tensors:
         return torch.zeros(())
-    maxima = torch._foreach_norm(local_tensors(tensors), float("inf"))
-    return _reduce_over_shards(maxima, tensors, "max")
+    local = local_tensors(tensors)
+    filled = [t for t in local if t.numel()]  # the inf-norm of an empty shard is undefined: it counts as 0
+    maxima = iter(torch._foreach_norm(filled, float("inf")) if filled else [])
+    zero = torch.zeros((), dtype=local[0].dtype, device=local[0].device)
+    return _reduce_over_shards([next(maxima) if t.numel() else zero for t in local], tensors, "max")
 
 
 def _rescale_for_norm_(grads: list[torch.Tensor]) -> float:

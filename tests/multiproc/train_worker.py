@@ -45,6 +45,33 @@ class RecordingTrainer(SAFTTrainer):
         )
         return loss
 
+    def _sam_first_pass(self, model, *args, **kwargs):
+        # the first pass must leave every gradient alone: .grad (DDP, FSDP2's sharded grads) and, under
+        # FSDP2, the unsharded gradients FSDP holds back for the last micro-batch's reduce-scatter
+        before = _gradient_state(model)
+        result = super()._sam_first_pass(model, *args, **kwargs)
+        after = _gradient_state(model)
+        self.first_pass_grad_changes += int(
+            len(before) != len(after)
+            or any((a is None) != (b is None) or (a is not None and not torch.equal(a, b)) for a, b in zip(after, before))
+        )
+        self.pending_unsharded_grads += int(any(g is not None for g in before[len(list(model.parameters())):]))
+        return result
+
+
+def _gradient_state(model):
+    """Clones of every .grad (local shards), then of FSDP2's pending unsharded gradients."""
+    from saft_hf import fsdp2
+
+    grads = [p.grad for p in model.parameters()]
+    for module in fsdp2.fsdp_modules(model):
+        for group in fsdp2._param_groups(module):
+            for fsdp_param in group.fsdp_params:
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                grads.append(getattr(fsdp_param, "unsharded_accumulated_grad", None))
+                grads.append(None if unsharded is None else unsharded.grad)
+    return [None if g is None else _local(g).detach().clone() for g in grads]
+
 
 def deepspeed_config(stage: int) -> dict:
     return {
@@ -73,11 +100,13 @@ def allow_fsdp_on_cpu() -> None:
 
     def __init__(self, *args, fsdp_plugin=None, **kwargs):
         original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        # every AcceleratorState() re-copies distributed_type from PartialState: re-apply each time
+        plugin = fsdp_plugin if fsdp_plugin is not None else getattr(self, "fsdp_plugin", None)
+        if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type = DistributedType.FSDP
-            if self._mixed_precision != "no":
+            if fsdp_plugin is not None and self._mixed_precision != "no":
                 fsdp_plugin.set_mixed_precision(self._mixed_precision)
-            self.fsdp_plugin = fsdp_plugin
+            self.fsdp_plugin = plugin
 
     AcceleratorState.__init__ = __init__
     AcceleratorState._saft_fsdp_on_cpu = True
@@ -128,6 +157,8 @@ def run_one(out: str, backend: str, grad_accum: int, sync: bool, steps: int, rho
     trainer = RecordingTrainer(model=model, args=args, train_dataset=TinyDataset(n=64))
     trainer.recorded = []
     trainer.restore_errors = []
+    trainer.first_pass_grad_changes = 0
+    trainer.pending_unsharded_grads = 0  # first passes that ran while FSDP held unreduced gradients
     trainer.train()
 
     rank = trainer.args.process_index
@@ -149,7 +180,8 @@ def run_one(out: str, backend: str, grad_accum: int, sync: bool, steps: int, rho
         strategy = {"class": type(trainer.sam_strategy).__name__, "state": trainer.sam_strategy.state_dict()}
         torch.save(
             {"init": init, "final": final, "logs": logs, "world": trainer.args.world_size, "strategy": strategy,
-             "restore_errors": trainer.restore_errors, "compute_dtypes": sorted(set(compute_dtypes)),
+             "restore_errors": trainer.restore_errors, "first_pass_grad_changes": trainer.first_pass_grad_changes,
+             "pending_unsharded_grads": trainer.pending_unsharded_grads, "compute_dtypes": sorted(set(compute_dtypes)),
              "parameter_types": sorted({type(p).__name__ for p in trainer.model_wrapped.parameters()})},
             os.path.join(out, "result.pt"),
         )
