@@ -4,7 +4,9 @@ The two-pass update happens per micro-batch inside `training_step` (see
 the README's trainer section for why there and what is supported):
 
 1. first pass at w: loss + `torch.autograd.grad` (never touches `.grad`, DDP buckets or
-   DeepSpeed partitions); under DDP inside `no_sync`, under DeepSpeed through `engine.module`;
+   DeepSpeed partitions); under DDP inside `no_sync`, under DeepSpeed through `engine.module`,
+   under FSDP2 with FSDP's gradient sync off, on its unsharded leaves, then reduce-scattered to
+   each rank's shard of the mean gradient (saft_hf/fsdp2.py);
 2. e = the perturbation of the `sam_variant` strategy (saft_hf.sam_variants; the maths is in
    saft_hf.sharpness), computed in place in the fresh gradients; back up the perturbed tensors and
    add e in place;
