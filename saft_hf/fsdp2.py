@@ -101,6 +101,7 @@ def autograd_targets(model: nn.Module, params: Sequence[torch.Tensor]) -> list[t
     return [leaves.get(id(p), p) for p in params]
 
 
+@torch.no_grad()
 def mean_gradient_shards(
     params: Sequence[torch.Tensor], grads: list[torch.Tensor | None]
 ) -> list[torch.Tensor]:
@@ -135,6 +136,10 @@ def mean_gradient_shards(
                                      stride=g.stride())
         shard = partial.redistribute(mesh, p.placements)
         shard.to_local().div_(mesh.size())
+        home = p.to_local().device
+        if shard.to_local().device != home:  # CPU-offloaded shards: e is added where the weights live
+            shard = DTensor.from_local(shard.to_local().to(home), mesh, p.placements, run_check=False,
+                                       shape=p.shape, stride=p.stride())
         shards.append(shard)
         del g, partial
     return shards

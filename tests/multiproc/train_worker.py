@@ -36,6 +36,8 @@ def _local(p):
 class RecordingTrainer(SAFTTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.recorded.append({k: v.detach().clone() for k, v in inputs.items()})
+        if self._zero_stage == 3:  # partitioned weights: nothing local to compare (restored inside the gather)
+            return super().training_step(model, inputs, num_items_in_batch)
         before = [_local(p).detach().clone() for p in model.parameters()]
         loss = super().training_step(model, inputs, num_items_in_batch)
         # the optimizer steps outside training_step: SAM must leave the weights exactly as it found them
