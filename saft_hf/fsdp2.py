@@ -1,29 +1,25 @@
-"""FSDP2 (`torch.distributed.fsdp.fully_shard`) plumbing for SAM's first pass in `SAFTTrainer`.
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) plumbing for SAM in `SAFTTrainer`.
 
 Under FSDP2 every trainable parameter is a sharded DTensor; forward and backward run on unsharded
-copies that FSDP all-gathers into leaf tensors of its own (`FSDPParam._unsharded_param`) and frees
-again, and FSDP's post-backward hook reduce-scatters their `.grad` into the sharded `.grad`.
+copies that FSDP all-gathers and frees again, and FSDP's post-backward hooks reduce-scatter their
+gradients into the sharded `.grad` (or, with gradient sync off during accumulation, keep them unsharded
+until the last micro-batch).
 
-SAM's first pass therefore:
-- runs with gradient sync off on every FSDP module (`set_requires_gradient_sync(False)`, the previous
-  per-group values restored afterwards), so FSDP's post-backward never reduce-scatters anything in it
-  (not even gradients of earlier micro-batches that it holds unsharded under gradient accumulation);
-- takes `torch.autograd.grad` with respect to the unsharded leaves (the sharded DTensors are not in the
-  autograd graph), which never writes `.grad`, so FSDP has nothing to reduce and its accumulation state
-  is untouched;
-- reduce-scatters the resulting full local gradients itself (`mean_gradient_shards`): each rank keeps
-  its shard of the mean over ranks, as a DTensor laid out like the parameter, in the parameter's dtype
-  (float32 under a bf16 `MixedPrecisionPolicy`).
-
-The perturbation is thus the synced one (computed from the mean gradient): a per-rank perturbation
-would need every rank to run its forward on its own full perturbed weights, which sharding rules out
-(the same reason ZeRO-3 syncs). The reads of FSDP2 internals are all in this module.
+SAM's first pass (`FirstPass`) is an ordinary backward with FSDP's sync on, run after every gradient
+slot has been emptied and stashed: FSDP reduce-scatters the first-pass gradient with its own collectives
+and memory profile, each rank finds its shard of the mean gradient in `.grad`, takes it out, and the
+real gradients (earlier micro-batches' sharded sums and FSDP's pending unsharded ones) are put back.
+The perturbation is thus the synced one (from the mean gradient): a per-rank perturbation would need
+every rank to run its forward on its own full perturbed weights, which sharding rules out (the same
+reason ZeRO-3 syncs). Each rank perturbs and restores its own shard in place; `reshard` makes sure no
+unsharded copy gathered before a weight change is reused. Every read of FSDP2 internals is in this
+module (`_param_groups`, the groups' `reduce_grads`/`all_reduce_grads` flags, `FSDPParam`'s
+`_unsharded_param` and `unsharded_accumulated_grad`; torch 2.13).
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -67,82 +63,71 @@ def reshard(model: nn.Module) -> None:
         module.reshard()
 
 
-@contextlib.contextmanager
-def gradient_sync_off(model: nn.Module) -> Iterator[None]:
-    """FSDP's gradient reduction off for the duration (the previous per-group flags restored on exit)."""
-    saved = []
-    for module in fsdp_modules(model):
-        for group in _param_groups(module):
-            saved.append((group, group.reduce_grads, getattr(group, "all_reduce_grads", None)))
-            group.reduce_grads = False
-            if hasattr(group, "all_reduce_grads"):
-                group.all_reduce_grads = False
-    try:
-        yield
-    finally:
-        for group, reduce_grads, all_reduce_grads in saved:
-            group.reduce_grads = reduce_grads
-            if all_reduce_grads is not None:
-                group.all_reduce_grads = all_reduce_grads
+class FirstPass:
+    """SAM's first pass through FSDP2's own gradient reduction, isolated from the real gradients.
 
-
-def autograd_targets(model: nn.Module, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The tensors the forward actually used for `params` (FSDP's unsharded leaves), to differentiate.
-
-    Call after the forward. A parameter FSDP does not manage is its own target; one whose module never
-    ran has no unsharded leaf yet and stays the sharded parameter (autograd.grad then gives None)."""
-    leaves = {}
-    for module in fsdp_modules(model):
-        for group in _param_groups(module):
-            for fsdp_param in group.fsdp_params:
-                unsharded = getattr(fsdp_param, "_unsharded_param", None)
-                if unsharded is not None:
-                    leaves[id(fsdp_param.sharded_param)] = unsharded
-    return [leaves.get(id(p), p) for p in params]
-
-
-@torch.no_grad()
-def mean_gradient_shards(
-    params: Sequence[torch.Tensor], grads: list[torch.Tensor | None]
-) -> list[torch.Tensor]:
-    """Each rank's full local gradients -> its shard of their mean over ranks, laid out like `params`.
-
-    A reduce-scatter per sharded parameter (an all-reduce for plain replicated ones), in the parameter's
-    dtype (so float32 for float32 master weights, whatever the compute dtype). None (unused on this
-    rank) counts as zeros so that every rank issues the same collectives. `grads` is consumed (its
-    entries set to None as they are reduced) to keep only one full gradient alive at a time beyond
-    what autograd returned.
+    As a context manager around forward + `backward(loss)`: on entry every gradient slot is emptied
+    and stashed (each trainable parameter's sharded `.grad`, and the unsharded gradients FSDP holds
+    back for the last micro-batch's reduce-scatter under gradient accumulation) and FSDP's gradient
+    sync is turned on; `backward` runs an ordinary backward, so FSDP reduce-scatters this pass's
+    gradient per group, with its own communication, memory profile and reduce_dtype, into the empty
+    sharded slots, and returns those shards (each rank's shard of the mean over ranks, DTensors laid
+    out like the parameters; None where a parameter got no gradient). On exit the stashed gradients
+    and sync flags are put back, whatever happened. Plain (non-FSDP) trainable parameters get their
+    gradient all-reduced (mean) so that every returned gradient is synced.
     """
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Partial
 
+    def __init__(self, model: nn.Module, params: Sequence[torch.Tensor]):
+        self.model = model
+        self.params = list(params)
+        self._stash: list = []
+
+    def __enter__(self) -> "FirstPass":
+        for module in fsdp_modules(self.model):
+            for group in _param_groups(module):
+                self._stash.append((group, "reduce_grads", group.reduce_grads))
+                group.reduce_grads = True
+                if hasattr(group, "all_reduce_grads"):
+                    self._stash.append((group, "all_reduce_grads", group.all_reduce_grads))
+                    group.all_reduce_grads = True
+                for fsdp_param in group.fsdp_params:
+                    if getattr(fsdp_param, "unsharded_accumulated_grad", None) is not None:
+                        self._stash.append((fsdp_param, "unsharded_accumulated_grad", fsdp_param.unsharded_accumulated_grad))
+                        fsdp_param.unsharded_accumulated_grad = None
+                    unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                    if unsharded is not None and unsharded.grad is not None:
+                        self._stash.append((unsharded, "grad", unsharded.grad))
+                        unsharded.grad = None
+        for p in self.params:
+            if p.grad is not None:
+                self._stash.append((p, "grad", p.grad))
+                p.grad = None
+        return self
+
+    def backward(self, loss: torch.Tensor) -> list[torch.Tensor | None]:
+        """An ordinary backward of `loss`; returns the reduced gradient shards (and takes them out of `.grad`)."""
+        loss.backward()
+        grads = []
+        for p in self.params:
+            grads.append(p.grad)
+            p.grad = None
+        replicated = [i for i, (p, g) in enumerate(zip(self.params, grads)) if g is not None and not _is_dtensor(p)]
+        if replicated:
+            mean_over_replicas_([grads[i] for i in replicated])
+        return grads
+
+    def __exit__(self, *exc) -> None:
+        for p in self.params:  # a failed backward may have left partial gradients behind
+            p.grad = None
+        for owner, name, value in reversed(self._stash):
+            setattr(owner, name, value)
+        self._stash.clear()
+
+
+def _is_dtensor(t) -> bool:
     from .sharpness import is_sharded
 
-    shards = []
-    for i, p in enumerate(params):
-        g, grads[i] = grads[i], None
-        if not is_sharded(p):
-            g = torch.zeros_like(p) if g is None else g.to(p.dtype)
-            if dist.is_initialized() and dist.get_world_size() > 1:
-                dist.all_reduce(g)
-                g.div_(dist.get_world_size())
-            shards.append(g)
-            continue
-        mesh = p.device_mesh
-        if g is None:
-            g = torch.zeros(p.shape, dtype=p.dtype, device=p.to_local().device)
-        g = g.to(p.dtype).contiguous()
-        partial = DTensor.from_local(g, mesh, [Partial("sum")] * mesh.ndim, run_check=False, shape=p.shape,
-                                     stride=g.stride())
-        shard = partial.redistribute(mesh, p.placements)
-        shard.to_local().div_(mesh.size())
-        home = p.to_local().device
-        if shard.to_local().device != home:  # CPU-offloaded shards: e is added where the weights live
-            shard = DTensor.from_local(shard.to_local().to(home), mesh, p.placements, run_check=False,
-                                       shape=p.shape, stride=p.stride())
-        shards.append(shard)
-        del g, partial
-    return shards
+    return is_sharded(t)
 
 
 def mean_over_replicas_(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

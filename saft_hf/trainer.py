@@ -5,8 +5,8 @@ the README's trainer section for why there and what is supported):
 
 1. first pass at w: loss + `torch.autograd.grad` (never touches `.grad`, DDP buckets or
    DeepSpeed partitions); under DDP inside `no_sync`, under DeepSpeed through `engine.module`,
-   under FSDP2 with FSDP's gradient sync off, on its unsharded leaves, then reduce-scattered to
-   each rank's shard of the mean gradient (saft_hf/fsdp2.py);
+   under FSDP2 an ordinary backward whose FSDP reduce-scatter lands in emptied `.grad` slots
+   (each rank's shard of the mean gradient; the real gradients stashed and put back, saft_hf/fsdp2.py);
 2. e = the perturbation of the `sam_variant` strategy (saft_hf.sam_variants; the maths is in
    saft_hf.sharpness), computed in place in the fresh gradients; back up the perturbed tensors and
    add e in place;
@@ -333,10 +333,12 @@ class SAFTTrainerMixin:
                 "SAM's first pass found no trainable parameter (all have requires_grad=False): unfreeze the "
                 "parameters to train, or set sam_rho=0."
             )
+        # FSDP2: FSDP's own reduce-scatter into emptied .grad slots, real gradients stashed (saft_hf/fsdp2.py)
+        fsdp_pass = fsdp2.FirstPass(model, params) if self._fsdp2_enabled else None
         if isinstance(model, nn.parallel.DistributedDataParallel):
             no_sync = model.no_sync
-        elif self._fsdp2_enabled:  # FSDP2 must not reduce-scatter in this pass (see saft_hf/fsdp2.py)
-            no_sync = lambda: fsdp2.gradient_sync_off(model)  # noqa: E731
+        elif fsdp_pass is not None:
+            no_sync = lambda: fsdp_pass  # noqa: E731
         else:
             no_sync = contextlib.nullcontext
         with no_sync():
@@ -344,10 +346,11 @@ class SAFTTrainerMixin:
                 loss = self.compute_loss(first_pass_model, dict(inputs), num_items_in_batch=num_items_in_batch)
             if self.args.n_gpu > 1:
                 loss = loss.mean()
-            # under FSDP2 the forward ran on FSDP's unsharded leaves: differentiate those
-            targets = fsdp2.autograd_targets(model, params) if self._fsdp2_enabled else params
             try:
-                grads = torch.autograd.grad(self._scale_for_grad(loss), targets, allow_unused=True)
+                if fsdp_pass is not None:
+                    grads = fsdp_pass.backward(self._scale_for_grad(loss))
+                else:
+                    grads = torch.autograd.grad(self._scale_for_grad(loss), params, allow_unused=True)
             except RuntimeError as err:
                 if "heckpoint" in str(err):
                     raise RuntimeError(
@@ -359,8 +362,7 @@ class SAFTTrainerMixin:
         if self.is_deepspeed_enabled and self._zero_stage == 3:
             self._deepspeed_engine().empty_partition_cache()
         grads = list(grads)
-        if self._fsdp2_enabled:  # the shard of the mean gradient, as DTensors like the parameters
-            grads = fsdp2.mean_gradient_shards(params, grads)
+        if self._fsdp2_enabled:  # already this rank's shard of the mean gradient (FSDP's reduce-scatter)
             fsdp2.reshard(model)
         elif self._sam_sync_gradients():
             grads = self._all_reduce_mean(params, grads)

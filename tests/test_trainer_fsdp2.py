@@ -131,7 +131,7 @@ def test_sharpness_reductions_over_uneven_shards(tmp_path):
     assert len(checks) == 13
     for name, difference in checks.items():
         assert difference < 2e-6, (name, difference)
-    for exact in ("perturbed", "restored_exactly", "shard_like", "mean_gradient_shards", "global_max_abs"):
+    for exact in ("perturbed", "restored_exactly", "shard_like", "all_reduce_mean_leaves_shards", "global_max_abs"):
         assert checks[exact] == 0.0, exact
 
 

@@ -3,7 +3,7 @@
 Checks that saft_hf.sharpness gives on DTensor shards (FSDP2's layout: Shard(0), uneven, a rank with an
 empty shard; also Shard(1)) what it gives on the full tensors: global_norm / global_dot / global_max_abs,
 the SAM/ASAM perturbation (incl. the rescaled path for a norm whose squares overflow), perturb_/restore_
-(exact), shard_like; and that fsdp2.mean_gradient_shards gives each rank its shard of the mean gradient.
+(exact), shard_like; and that SAMStep.all_reduce_mean (fsdp2.mean_over_replicas_) leaves shards alone.
 Rank 0 writes {check: max abs difference} to OUT/sharded_reductions.json.
 
     torchrun --nproc_per_node 2 tests/multiproc/sharded_reductions_worker.py --out DIR
@@ -74,10 +74,10 @@ def main():
     noise = [torch.randn(s, generator=torch.Generator().manual_seed(7)) for s in shapes]
     checks["shard_like"] = diff(full([sharpness.shard_like(n, p) for n, p in zip(noise, sp)]), noise)
 
-    # each rank's own "full local gradient" -> its shard of the mean over ranks
-    local = [x * (rank + 1) for x in grads]
-    mean = [x * sum(r + 1 for r in range(world)) / world for x in grads]
-    checks["mean_gradient_shards"] = diff(full(fsdp2.mean_gradient_shards(sp, list(local))), mean)
+    # SAMStep.all_reduce_mean on shards: they are pieces of one synced tensor, nothing to average
+    kept = shard(grads)
+    fsdp2.mean_over_replicas_(kept)
+    checks["all_reduce_mean_leaves_shards"] = diff(full(kept), grads)
 
     if rank == 0:
         with open(os.path.join(out, "sharded_reductions.json"), "w") as handle:
