@@ -80,6 +80,10 @@ class FirstPass:
     def __init__(self, model: nn.Module, params: Sequence[torch.Tensor]):
         self.model = model
         self.params = list(params)
+        # FSDP reduces every trainable parameter's gradient, not only the ones asked for (a variant may
+        # take the first pass for a subset, e.g. ESAM): all their slots are emptied and restored
+        wanted = {id(p) for p in self.params}
+        self._all = self.params + [p for p in model.parameters() if p.requires_grad and id(p) not in wanted]
         self._stash: list = []
 
     def __enter__(self) -> "FirstPass":
@@ -98,7 +102,7 @@ class FirstPass:
                     if unsharded is not None and unsharded.grad is not None:
                         self._stash.append((unsharded, "grad", unsharded.grad))
                         unsharded.grad = None
-        for p in self.params:
+        for p in self._all:
             if p.grad is not None:
                 self._stash.append((p, "grad", p.grad))
                 p.grad = None
@@ -107,9 +111,8 @@ class FirstPass:
     def backward(self, loss: torch.Tensor) -> list[torch.Tensor | None]:
         """An ordinary backward of `loss`; returns the reduced gradient shards (and takes them out of `.grad`)."""
         loss.backward()
-        grads = []
-        for p in self.params:
-            grads.append(p.grad)
+        grads = [p.grad for p in self.params]
+        for p in self._all:
             p.grad = None
         replicated = [i for i, (p, g) in enumerate(zip(self.params, grads)) if g is not None and not _is_dtensor(p)]
         if replicated:
@@ -117,7 +120,7 @@ class FirstPass:
         return grads
 
     def __exit__(self, *exc) -> None:
-        for p in self.params:  # a failed backward may have left partial gradients behind
+        for p in self._all:  # a failed backward may have left partial gradients behind
             p.grad = None
         for owner, name, value in reversed(self._stash):
             setattr(owner, name, value)

@@ -4,7 +4,7 @@
 FSDP2 shards the weights, so the perturbation is the synced one (from the mean first-pass gradient), like
 ZeRO-3: each run must match the synced hand replay (tests/multiproc/sam_reference.py) and NOT the per-rank
 one, with gradient accumulation 1 and 2, with sam_sync_perturbation False (forced) and True, for ASAM, SAM
-and the toy variant registered from test code, and with a MixedPrecisionPolicy (param_dtype bf16,
+and two toy variants registered from test code (one takes its first pass for a subset of the tensors), and with a MixedPrecisionPolicy (param_dtype bf16,
 reduce_dtype float32; looser tolerance). The worker also checks that every training_step leaves the
 sharded weights bit-identical to how it found them (exact restore) and that the first pass never touches
 a gradient (.grad shards or the unsharded gradients FSDP holds for the last micro-batch's reduce-scatter).
@@ -30,6 +30,7 @@ pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 HERE = Path(__file__).parent
 TOY = toy_sam_variant.NAME
+PARTIAL = toy_sam_variant.PARTIAL_NAME
 # run spec -> (variant for the replay, tolerance against the synced replay)
 RUNS = {
     "fsdp2:1:local": ("asam", 1e-6),
@@ -37,6 +38,8 @@ RUNS = {
     "fsdp2:2:sync": ("asam", 1e-6),
     "fsdp2:2:local:sam": ("sam", 1e-6),
     f"fsdp2:2:local:{TOY}": (TOY, 1e-6),
+    f"fsdp2:1:local:{PARTIAL}": (PARTIAL, 1e-6),  # first pass for a subset: the other gradients stay out
+    f"fsdp2:2:local:{PARTIAL}": (PARTIAL, 1e-6),
     "fsdp2bf16:1:local": ("asam", 1e-3),
     "fsdp2bf16:2:local": ("asam", 1e-3),
 }
@@ -81,6 +84,11 @@ def _replay(result, batches, variant: str, sync: bool):
             TinyClassifier(), result["init"], batches, grad_accum=grad_accum,
             lr=0.1 * toy_sam_variant.GRADIENT_FACTOR, rho=0.5, adaptive=False, sync=sync,
             perturbation=toy_sam_variant.replay_perturbation(0.5),
+        )
+    if variant == PARTIAL:
+        return replay_sam(
+            TinyClassifier(), result["init"], batches, grad_accum=grad_accum, lr=0.1, rho=0.5, adaptive=False,
+            sync=sync, perturbation=toy_sam_variant.replay_partial_perturbation(0.5),
         )
     return replay_sam(
         TinyClassifier(), result["init"], batches, grad_accum=grad_accum, lr=0.1, rho=0.5,
