@@ -95,8 +95,9 @@ class FirstPass:
                     self._stash.append((group, "all_reduce_grads", group.all_reduce_grads))
                     group.all_reduce_grads = True
                 for fsdp_param in group.fsdp_params:
-                    if getattr(fsdp_param, "unsharded_accumulated_grad", None) is not None:
-                        self._stash.append((fsdp_param, "unsharded_accumulated_grad", fsdp_param.unsharded_accumulated_grad))
+                    pending = getattr(fsdp_param, "unsharded_accumulated_grad", None)
+                    if pending is not None:
+                        self._stash.append((fsdp_param, "unsharded_accumulated_grad", pending))
                         fsdp_param.unsharded_accumulated_grad = None
                     unsharded = getattr(fsdp_param, "_unsharded_param", None)
                     if unsharded is not None and unsharded.grad is not None:

@@ -336,12 +336,12 @@ class SAFTTrainerMixin:
         # FSDP2: FSDP's own reduce-scatter into emptied .grad slots, real gradients stashed (saft_hf/fsdp2.py)
         fsdp_pass = fsdp2.FirstPass(model, params) if self._fsdp2_enabled else None
         if isinstance(model, nn.parallel.DistributedDataParallel):
-            no_sync = model.no_sync
+            isolation = model.no_sync()
         elif fsdp_pass is not None:
-            no_sync = lambda: fsdp_pass  # noqa: E731
+            isolation = fsdp_pass
         else:
-            no_sync = contextlib.nullcontext
-        with no_sync():
+            isolation = contextlib.nullcontext()
+        with isolation:
             with self.compute_loss_context_manager():
                 loss = self.compute_loss(first_pass_model, dict(inputs), num_items_in_batch=num_items_in_batch)
             if self.args.n_gpu > 1:

@@ -4,10 +4,11 @@
 FSDP2 shards the weights, so the perturbation is the synced one (from the mean first-pass gradient), like
 ZeRO-3: each run must match the synced hand replay (tests/multiproc/sam_reference.py) and NOT the per-rank
 one, with gradient accumulation 1 and 2, with sam_sync_perturbation False (forced) and True, for ASAM, SAM
-and two toy variants registered from test code (one takes its first pass for a subset of the tensors), and with a MixedPrecisionPolicy (param_dtype bf16,
-reduce_dtype float32; looser tolerance). The worker also checks that every training_step leaves the
-sharded weights bit-identical to how it found them (exact restore) and that the first pass never touches
-a gradient (.grad shards or the unsharded gradients FSDP holds for the last micro-batch's reduce-scatter).
+and two toy variants registered from test code (one takes its first pass for a subset of the tensors), and
+with a MixedPrecisionPolicy (param_dtype bf16, reduce_dtype float32; looser tolerance). The worker also
+checks that every training_step leaves the sharded weights bit-identical to how it found them (exact
+restore) and that the first pass leaves every real gradient as it was (.grad shards and the unsharded
+gradients FSDP holds for the last micro-batch's reduce-scatter).
 A second launch checks the shard-aware reductions of saft_hf.sharpness on uneven DTensor shards.
 """
 
@@ -156,7 +157,8 @@ def _trainer_claiming_fsdp(tmp_path, monkeypatch, version: int, **overrides) -> 
 
 def test_fsdp1_is_refused_with_the_fix_named(tmp_path, monkeypatch):
     trainer = _trainer_claiming_fsdp(tmp_path, monkeypatch, 1)
-    with pytest.raises(NotImplementedError, match=r"FSDP1 \(fsdp_version=1\).*Use FSDP2 \(fsdp_config=\{'version': 2\}"):
+    expected = r"FSDP1 \(fsdp_version=1\).*Use FSDP2 \(fsdp_config=\{'version': 2\}"
+    with pytest.raises(NotImplementedError, match=expected):
         trainer._check_sam_support()
 
 

@@ -55,7 +55,8 @@ class RecordingTrainer(SAFTTrainer):
         after = _gradient_state(model)
         self.first_pass_grad_changes += int(
             len(before) != len(after)
-            or any((a is None) != (b is None) or (a is not None and not torch.equal(a, b)) for a, b in zip(after, before))
+            or any((a is None) != (b is None) or (a is not None and not torch.equal(a, b))
+                   for a, b in zip(after, before))
         )
         self.pending_unsharded_grads += int(any(g is not None for g in before[len(list(model.parameters())):]))
         return result
@@ -201,7 +202,8 @@ def main():
         importlib.import_module(module.strip())  # registers its variants
     for spec in cli.runs:
         backend, grad_accum, mode, *variant = spec.split(":")
-        assert backend in ("ddp", "zero1", "zero2", "zero3", "fsdp2", "fsdp2bf16") and mode in ("local", "sync") and len(variant) <= 1, spec
+        backends = ("ddp", "zero1", "zero2", "zero3", "fsdp2", "fsdp2bf16")
+        assert backend in backends and mode in ("local", "sync") and len(variant) <= 1, spec
         run_one(os.path.join(cli.out, spec.replace(":", "_")), backend, int(grad_accum), mode == "sync", cli.steps,
                 cli.rho, variant[0] if variant else "asam")
 
