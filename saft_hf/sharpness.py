@@ -195,3 +195,117 @@ def reference_perturbation(
     tg = torch.cat([(t * g).flatten() for t, g in zip(scales, grads)])
     n = tg.norm()
     return [rho * t * t * g / (n + EPSILON) for t, g in zip(scales, grads)]
+
+
+# ---------------------------------------------------------------------- helpers of the SAM variants
+# Every cross-tensor reduction of the variants (norms, inner products, projections) goes through
+# `global_norm` / `global_dot` below, so a sharded engine (FSDP2) can reduce them over the shards in
+# one place. Element-wise maths needs no reduction and works per shard.
+
+
+def global_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """<a, b> over the concatenation of the tensors, in float32 or wider."""
+    if len(a) != len(b):
+        raise ValueError(f"global_dot needs aligned lists, got {len(a)} and {len(b)} tensors.")
+    if not a:
+        return torch.zeros(())
+    dtype = torch.promote_types(a[0].dtype, torch.float32)
+    total = torch.zeros((), dtype=dtype, device=a[0].device)
+    for x, y in zip(a, b):
+        total += torch.sum(x.to(dtype) * y.to(dtype))
+    return total
+
+
+@torch.no_grad()
+def orthogonal_component(v: Sequence[torch.Tensor], u: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """v minus its projection on u: v - (<v, u> / ||u||^2) u (new tensors; u = 0 leaves v unchanged)."""
+    coefficient = global_dot(v, u) / (global_norm(u) ** 2 + EPSILON)
+    return [x - coefficient.to(x.dtype) * y for x, y in zip(v, u)]
+
+
+@torch.no_grad()
+def looksam_reuse_(grads: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], alpha: float) -> None:
+    """LookSAM between refreshes: g <- g + alpha * (||g|| / ||g_v||) * g_v, in place (Liu et al., 2022)."""
+    factor = alpha * global_norm(grads) / (global_norm(direction) + EPSILON)
+    torch._foreach_add_(list(grads), [factor.to(d.dtype) * d for d in direction])
+
+
+@torch.no_grad()
+def gsam_combine_(
+    perturbed_grads: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], alpha: float
+) -> None:
+    """GSAM: g_s <- g_s - alpha * (g orthogonal to g_s), in place (Zhuang et al., 2022).
+
+    g_s is the gradient at w + e, g the one at w; the component of g orthogonal to g_s is
+    g - (<g, g_s> / ||g_s||^2) g_s.
+    """
+    vertical = orthogonal_component(grads, perturbed_grads)
+    torch._foreach_add_(list(perturbed_grads), vertical, alpha=-alpha)
+
+
+@torch.no_grad()
+def fisher_perturbation_(
+    grads: Sequence[torch.Tensor],
+    *,
+    rho: float,
+    eta: float,
+    fisher: Sequence[torch.Tensor] | None = None,
+    all_finite: Callable[[bool], bool] | None = None,
+) -> PerturbationResult:
+    """Fisher-SAM (Kim et al., 2022), in place: e = rho * g / f / sqrt(sum g^2 / f), f = 1 + eta * F.
+
+    F is the diagonal Fisher estimate: `fisher` (e.g. a running mean of g^2) or, when None, the
+    squared mini-batch gradient g^2 as in the paper. e maximises <g, e> over the ellipsoid
+    e^T diag(f) e <= rho^2.
+    """
+    grads = list(grads)
+    if not grads:
+        return PerturbationResult(applied=False, grad_norm=torch.zeros(()), perturbation_norm=None)
+    grad_norm = global_norm(grads)
+    finite = bool(torch.isfinite(grad_norm))
+    if all_finite is not None:
+        finite = all_finite(finite)
+    if not finite:
+        return PerturbationResult(applied=False, grad_norm=grad_norm, perturbation_norm=None)
+    source = grads if fisher is None else list(fisher)
+    inverse = []
+    for g, s in zip(grads, source):  # 1 / (1 + eta * F), element-wise
+        f = s * s if fisher is None else s.to(g.dtype)
+        inverse.append(torch.reciprocal(f.mul(eta).add_(1.0)))
+    scaled = [g * i for g, i in zip(grads, inverse)]  # F^-1 g
+    denominator = torch.sqrt(global_dot(grads, scaled))  # sqrt(g^T F^-1 g)
+    factor = rho / (float(denominator) + EPSILON)
+    torch._foreach_copy_(grads, scaled)
+    torch._foreach_mul_(grads, factor)
+    return PerturbationResult(applied=True, grad_norm=grad_norm, perturbation_norm=global_norm(grads))
+
+
+def filterwise_gaussian(
+    weights: Sequence[torch.Tensor], sigma: float, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """Random weight perturbation: for each row i of a matrix W (out x in...), e_i ~ N(0, sigma^2 ||W_i||^2 / n)
+    with n the row's size (Flat-LoRA, Li et al., 2024); 1-D tensors (biases, norms) get e = 0.
+
+    The noise of tensor k is drawn, in list order, with `torch.randn(W.shape, generator=generator)` on CPU
+    in float32 (so every device and rank that seeds the generator alike draws the same e).
+    """
+    noise = []
+    for w in weights:
+        if w.dim() < 2:
+            noise.append(torch.zeros_like(w))
+            continue
+        z = torch.randn(tuple(w.shape), generator=generator, dtype=torch.float32)
+        rows = w.detach().float().reshape(w.shape[0], -1)
+        std = sigma * torch.linalg.vector_norm(rows, dim=1) / math.sqrt(rows.shape[1])
+        noise.append((z.to(w.device) * std.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
+    return noise
+
+
+def sharpest_examples(before: torch.Tensor, after: torch.Tensor, gamma: float) -> torch.Tensor:
+    """ESAM's sharpness-sensitive data selection: indices of the int(gamma * B) examples (at least one)
+    with the largest loss increase after - before, in increasing index order."""
+    if before.shape != after.shape or before.dim() != 1:
+        raise ValueError(f"per-example losses must be two 1-D tensors of one shape, got {before.shape}, {after.shape}.")
+    count = max(1, int(before.numel() * gamma))
+    chosen = torch.topk(after - before, count).indices
+    return torch.sort(chosen).values
