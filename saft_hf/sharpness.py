@@ -309,3 +309,9 @@ def sharpest_examples(before: torch.Tensor, after: torch.Tensor, gamma: float) -
     count = max(1, int(before.numel() * gamma))
     chosen = torch.topk(after - before, count).indices
     return torch.sort(chosen).values
+
+
+def noise_seed(seed: int, global_step: int, micro_batch: int, rank: int = 0) -> int:
+    """The seed of the random perturbation of one micro-batch (one generator per micro-batch, so a resumed
+    run draws the same noise and ranks sharing a perturbation draw the same one). A fixed, documented mix."""
+    return ((int(seed) * 1_000_003 + int(global_step)) * 10_007 + int(micro_batch)) * 101 + int(rank)

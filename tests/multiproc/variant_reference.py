@@ -123,3 +123,34 @@ def sam_or_plain_step(rho, k, sync=False, adaptive=False):
         return first_and_perturbed(model, names, params, windows, rho=rho, sync=sync, adaptive=adaptive)[1]
 
     return step
+
+
+def rwp_seed(seed, step, micro_batch, rank):
+    """The noise seed convention of saft_hf (written out again here, so a changed convention is caught)."""
+    return ((seed * 1_000_003 + step) * 10_007 + micro_batch) * 101 + rank
+
+
+def filter_noise(weight, sigma, generator):
+    """Flat-LoRA: row i of W gets N(0, sigma^2 ||W_i||^2 / n); vectors get none (and draw nothing)."""
+    if weight.dim() < 2:
+        return torch.zeros_like(weight)
+    z = torch.randn(tuple(weight.shape), generator=generator)
+    rows = weight.reshape(weight.shape[0], -1)
+    std = sigma * rows.norm(dim=1) / math.sqrt(rows.shape[1])
+    return z * std.view(-1, *([1] * (weight.dim() - 1)))
+
+
+def rwp_step(sigma, seed, sync=False):
+    """Li et al. 2024 (RWP): one gradient per micro-batch at w + e, e random, filter-wise scaled."""
+
+    def step(t, model, names, params, windows):
+        world, accum = len(windows), len(windows[0])
+        total = zeros(params)
+        for m in range(accum):
+            for r in range(world):
+                g = torch.Generator().manual_seed(rwp_seed(seed, t, m, 0 if (sync or world == 1) else r))
+                e = [filter_noise(p, sigma, g) for p in params]
+                total = add(total, gradient(model, names, params, windows[r][m], e), 1.0 / (accum * world))
+        return total
+
+    return step
