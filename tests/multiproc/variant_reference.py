@@ -154,3 +154,42 @@ def rwp_step(sigma, seed, sync=False):
         return total
 
     return step
+
+
+def _per_example(model, names, params, batch, e=None):
+    ps = params if e is None else [p + x for p, x in zip(params, e)]
+    out = torch.func.functional_call(model, dict(zip(names, ps)), (batch["x"],))
+    return torch.nn.functional.cross_entropy(out["logits"], batch["labels"], reduction="none")
+
+
+def esam_step(rho, beta, gamma, seed, sync=False, adaptive=False):
+    """Du et al. 2022: SWP (each tensor perturbed with probability beta, e = rho/beta * g_S/||g_S||) and SDS
+    (second pass on the int(gamma B) examples whose loss rises most at w + e)."""
+
+    def step(t, model, names, params, windows):
+        world, accum = len(windows), len(windows[0])
+        total = zeros(params)
+        for m in range(accum):
+            draws = torch.rand(len(params), generator=torch.Generator().manual_seed(rwp_seed(seed, t, m, 0)))
+            chosen = [bool(d < beta) for d in draws]
+            if not any(chosen):
+                chosen[int(draws.argmin())] = True
+            idx = [i for i, c in enumerate(chosen) if c]
+            plain = [gradient(model, names, params, windows[r][m]) for r in range(world)]
+            if sync:
+                plain = [[sum(g[i] for g in plain) / world for i in range(len(params))]] * world
+            for r in range(world):
+                batch = windows[r][m]
+                e_sub = sam_e([names[i] for i in idx], [params[i] for i in idx], [plain[r][i] for i in idx],
+                              rho / beta, adaptive)
+                e = zeros(params)
+                for i, x in zip(idx, e_sub):
+                    e[i] = x
+                with torch.no_grad():
+                    rise = _per_example(model, names, params, batch, e) - _per_example(model, names, params, batch)
+                keep = torch.topk(rise, max(1, int(len(rise) * gamma))).indices
+                subset = {k: v[keep] for k, v in batch.items()}
+                total = add(total, gradient(model, names, params, subset, e), 1.0 / (accum * world))
+        return total
+
+    return step
