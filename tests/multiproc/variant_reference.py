@@ -193,3 +193,33 @@ def esam_step(rho, beta, gamma, seed, sync=False, adaptive=False):
         return total
 
     return step
+
+
+def fsam_step(rho, eta, decay=0.0, sync=False, state=None):
+    """Kim et al. 2022: e = rho F^-1 g / sqrt(g^T F^-1 g), F = diag(1 + eta * fisher), fisher = g^2 (or a
+    running mean of g^2 with `decay`, kept per rank in `state`)."""
+    state = {} if state is None else state
+
+    def e_of(g, key):
+        if decay > 0:
+            old = state.get(key)
+            state[key] = [x * x for x in g] if old is None else [decay * o + (1 - decay) * x * x for o, x in zip(old, g)]
+            fisher = state[key]
+        else:
+            fisher = [x * x for x in g]
+        inv_f_g = [x / (1 + eta * f) for x, f in zip(g, fisher)]
+        return [rho * v / torch.sqrt(dot(g, inv_f_g)) for v in inv_f_g]
+
+    def step(t, model, names, params, windows):
+        world, accum = len(windows), len(windows[0])
+        total = zeros(params)
+        for m in range(accum):
+            plain = [gradient(model, names, params, windows[r][m]) for r in range(world)]
+            if sync:
+                plain = [[sum(g[i] for g in plain) / world for i in range(len(params))]] * world
+            for r in range(world):
+                e = e_of(plain[r], r)
+                total = add(total, gradient(model, names, params, windows[r][m], e), 1.0 / (accum * world))
+        return total
+
+    return step
