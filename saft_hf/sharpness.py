@@ -226,8 +226,8 @@ def orthogonal_component(v: Sequence[torch.Tensor], u: Sequence[torch.Tensor]) -
 @torch.no_grad()
 def looksam_reuse_(grads: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], alpha: float) -> None:
     """LookSAM between refreshes: g <- g + alpha * (||g|| / ||g_v||) * g_v, in place (Liu et al., 2022)."""
-    factor = alpha * global_norm(grads) / (global_norm(direction) + EPSILON)
-    torch._foreach_add_(list(grads), [factor.to(d.dtype) * d for d in direction])
+    factor = alpha * float(global_norm(grads)) / (float(global_norm(direction)) + EPSILON)
+    torch._foreach_add_(list(grads), list(direction), alpha=factor)
 
 
 @torch.no_grad()
@@ -237,10 +237,14 @@ def gsam_combine_(
     """GSAM: g_s <- g_s - alpha * (g orthogonal to g_s), in place (Zhuang et al., 2022).
 
     g_s is the gradient at w + e, g the one at w; the component of g orthogonal to g_s is
-    g - (<g, g_s> / ||g_s||^2) g_s.
+    g - c g_s with c = <g, g_s> / ||g_s||^2, so the update is (1 + alpha c) g_s - alpha g (no temporary).
     """
-    vertical = orthogonal_component(grads, perturbed_grads)
-    torch._foreach_add_(list(perturbed_grads), vertical, alpha=-alpha)
+    perturbed_grads, grads = list(perturbed_grads), list(grads)
+    if not perturbed_grads:
+        return
+    c = float(global_dot(grads, perturbed_grads)) / (float(global_norm(perturbed_grads)) ** 2 + EPSILON)
+    torch._foreach_mul_(perturbed_grads, 1.0 + alpha * c)
+    torch._foreach_add_(perturbed_grads, [g.to(s.dtype) for g, s in zip(grads, perturbed_grads)], alpha=-alpha)
 
 
 @torch.no_grad()

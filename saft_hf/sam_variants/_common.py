@@ -89,13 +89,17 @@ class FirstPassSum:
     def __init__(self):
         self.sums: list[torch.Tensor | None] | None = None
 
-    def add(self, step, grads) -> None:
+    def add(self, step, grads, scale: float = 1.0) -> None:
+        """Add scale * grads (aligned with step.params); copies, so `grads` stays the caller's scratch."""
         if self.sums is None:
             self.sums = [None] * len(step.trainable)
         position = {id(p): i for i, p in enumerate(step.trainable)}
         for p, g in zip(step.params, grads):
             i = position[id(p)]
-            self.sums[i] = g.detach().clone() if self.sums[i] is None else self.sums[i].add_(g)
+            if self.sums[i] is None:
+                self.sums[i] = g.detach() * scale  # a new tensor (the copy)
+            else:
+                self.sums[i].add_(g, alpha=scale)
 
     def take(self, step) -> list[torch.Tensor | None]:
         """The window's sum, all-reduced (mean over ranks) unless already synced; resets the sum."""

@@ -53,7 +53,7 @@ class GSAM(SAMVariant):
         return None
 
     def perturbation(self, step, grads):
-        self._first_pass.add(step, [g * step.accumulation_factor for g in grads])  # on the scale of .grad
+        self._first_pass.add(step, grads, scale=step.accumulation_factor)  # on the scale of .grad
         return base_perturbation(self.args, step, grads)
 
     def before_optimizer_step(self, step) -> None:
