@@ -224,9 +224,15 @@ def orthogonal_component(v: Sequence[torch.Tensor], u: Sequence[torch.Tensor]) -
 
 
 @torch.no_grad()
-def looksam_reuse_(grads: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], alpha: float) -> None:
-    """LookSAM between refreshes: g <- g + alpha * (||g|| / ||g_v||) * g_v, in place (Liu et al., 2022)."""
-    factor = alpha * float(global_norm(grads)) / (float(global_norm(direction)) + EPSILON)
+def looksam_reuse_(
+    grads: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], alpha: float, direction_norm: float | None = None
+) -> None:
+    """LookSAM between refreshes: g <- g + alpha * (||g|| / ||g_v||) * g_v, in place (Liu et al., 2022).
+
+    `direction_norm` is ||g_v|| if the caller kept it (it does not change between refreshes)."""
+    if direction_norm is None:
+        direction_norm = float(global_norm(direction))
+    factor = alpha * float(global_norm(grads)) / (direction_norm + EPSILON)
     torch._foreach_add_(list(grads), list(direction), alpha=factor)
 
 
@@ -298,10 +304,10 @@ def filterwise_gaussian(
         if w.dim() < 2:
             noise.append(torch.zeros_like(w))
             continue
-        z = torch.randn(tuple(w.shape), generator=generator, dtype=torch.float32)
-        rows = w.detach().float().reshape(w.shape[0], -1)
-        std = sigma * torch.linalg.vector_norm(rows, dim=1) / math.sqrt(rows.shape[1])
-        noise.append((z.to(w.device) * std.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
+        z = torch.randn(tuple(w.shape), generator=generator, dtype=torch.float32).to(w.device)
+        rows = w.detach().reshape(w.shape[0], -1)
+        std = sigma * torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32) / math.sqrt(rows.shape[1])
+        noise.append(z.mul_(std.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
     return noise
 
 

@@ -12,6 +12,7 @@ done once per step, at `before_optimizer_step`), as a single process with the wh
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,7 @@ class LookSAM(SAMVariant):
     def __init__(self, args):
         super().__init__(args)
         self.direction: list[torch.Tensor | None] | None = None  # g_v, aligned with the trainable tensors
+        self._direction_norm: float | None = None  # ||g_v||, constant between refreshes
         self._first_pass = FirstPassSum()
         self._refresh = False
 
@@ -76,15 +78,18 @@ class LookSAM(SAMVariant):
             plain = self._first_pass.take(step)
             kept = present(grads, plain)
             orthogonal = sharpness.orthogonal_component([grads[i] for i in kept], [plain[i] for i in kept])
-            if bool(torch.isfinite(sharpness.global_norm(orthogonal))):  # same on every rank: synced inputs
+            norm = float(sharpness.global_norm(orthogonal))
+            if math.isfinite(norm):  # the same on every rank: computed from synced gradients
                 direction = [None] * len(grads)
                 for i, v in zip(kept, orthogonal):
                     direction[i] = v
-                self.direction = direction
+                self.direction, self._direction_norm = direction, norm
             return  # the refresh step itself descends on g_s unchanged
         kept = present(grads, self.direction)
+        if self._direction_norm is None:  # restored from a checkpoint
+            self._direction_norm = float(sharpness.global_norm([d for d in self.direction if d is not None]))
         sharpness.looksam_reuse_([grads[i] for i in kept], [self.direction[i] for i in kept],
-                                 self.args.sam_looksam_alpha)
+                                 self.args.sam_looksam_alpha, direction_norm=self._direction_norm)
         step.set_gradients(grads)
 
     def state_dict(self) -> dict:
@@ -92,3 +97,4 @@ class LookSAM(SAMVariant):
 
     def load_state_dict(self, state: dict) -> None:
         self.direction = state.get("direction")
+        self._direction_norm = None

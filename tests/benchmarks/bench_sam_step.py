@@ -158,17 +158,41 @@ def _rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    """VmHWM (peak RSS since the last reset), or ru_maxrss (since the start) where VmHWM is missing."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def memory_child(name: str, variant: str, steps: int) -> None:
-    """Runs in a subprocess: prints {"before": rss, "peak": maxrss, "param_bytes": ...} as JSON."""
+    """Runs in a subprocess: prints {"before": rss, "peak": peak rss during the steps, ...} as JSON."""
     model, batch = build(name, "mem")
     with tempfile.TemporaryDirectory() as workdir:
         step = make_trainer(model, variant, workdir)
         # the optimizer state (and a variant's kept state) exists before measuring
         step(batch)
+        # imports and model construction can peak higher than a step: measure the peak from here on
+        _reset_peak_rss()
         before = _rss_bytes()
         for _ in range(steps):
             step(batch)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = _peak_rss_bytes()
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     print(json.dumps({"before": before, "peak": peak, "param_bytes": param_bytes}))
 
@@ -206,6 +230,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = least noisy on a shared CPU)")
     parser.add_argument("--mem-steps", type=int, default=5)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-time", action="store_true", help="memory only")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="asam", help=argparse.SUPPRESS)
     cli = parser.parse_args()
@@ -220,7 +245,9 @@ def main() -> int:
     print(f"torch {torch.__version__}, threads={cli.threads}, reps={cli.reps}, block={cli.block}, "
           f"load avg={os.getloadavg()}")
     for name in cli.models:
-        t = time_ratios(name, variants, cli.reps, cli.warmup, cli.block)
+        t = (time_ratios(name, variants, cli.reps, cli.warmup, cli.block) if not cli.skip_time else
+             {v: {"ms_median": float("nan"), "ratio_median": float("nan"), "ratio_q1": float("nan"),
+                  "ratio_q3": float("nan")} for v in variants} | {"params_M": float("nan")})
         m = None if cli.skip_memory else memory_overhead(name, variants, cli.mem_steps, cli.threads)
         print(f"\n{name}: {t['params_M']:.2f}M params (time); "
               + ("" if m is None else f"{m['param_MB']:.1f} MB trainable params (memory model)"))
@@ -233,7 +260,7 @@ def main() -> int:
             target = f"<= {TARGETS[v]}" if v in TARGETS else "-"
             print(f"| {v} | {r['ms_median']:.1f} | {r['ratio_median']:.3f} | {r['ratio_q1']:.3f}-{r['ratio_q3']:.3f} "
                   f"| {target} | {mem} |")
-        if "asam" in variants:
+        if "asam" in variants and not cli.skip_time:
             ops = time_sharpness_ops(name, cli.reps)
             print(f"[ops] {name}: ASAM perturbation maths + backup + restore: {ops['ops_ms_median']:.2f} ms "
                   f"= {100 * ops['ops_ms_median'] / t['plain']['ms_median']:.1f}% of a plain step")
