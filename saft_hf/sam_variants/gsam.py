@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 
 from .. import sharpness
 from ._common import BasePerturbationArguments, FirstPassSum, base_perturbation, check_base_variant
