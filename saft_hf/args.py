@@ -73,6 +73,14 @@ class _CoreSharpnessArguments:
             "choices": list(SAM_SCOPES),
         },
     )
+    sam_interval: int = field(
+        default=1,
+        metadata={
+            "help": "Take the sharpness-aware step (of any sam_variant) on every k-th optimizer step only, a plain "
+            "single-pass step in between (MosaicML Composer's SAM `interval`): SAM on steps 0, k, 2k, ...; cost "
+            "about 1 + 1/k plain steps. 1 (default): every step."
+        },
+    )
     sam_sync_perturbation: bool = field(
         default=False,
         metadata={
@@ -114,6 +122,13 @@ def _check_number(args, name: str) -> None:
     setattr(args, name, float(value))
 
 
+def _check_positive_int(args, name: str) -> None:
+    value = getattr(args, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r} ({type(value).__name__}).")
+    setattr(args, name, int(value))
+
+
 def _check_bool(args, name: str, allow_none: bool = False) -> None:
     value = getattr(args, name)
     if value is None and allow_none:
@@ -151,6 +166,7 @@ def validate_sharpness_arguments(args) -> None:
     _check_number(args, "sam_rho")
     _check_number(args, "sam_eta")
     _check_bool(args, "sam_sync_perturbation")
+    _check_positive_int(args, "sam_interval")
     _check_bool(args, "sam_adaptive", allow_none=True)
     if not isinstance(args.sam_scope, str) or args.sam_scope not in SAM_SCOPES:
         raise ValueError(f"sam_scope must be one of {SAM_SCOPES}, got {args.sam_scope!r}.")

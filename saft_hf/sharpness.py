@@ -317,3 +317,120 @@ def reference_perturbation(
     tg = torch.cat([(t * g).flatten() for t, g in zip(scales, grads)])
     n = tg.norm()
     return [rho * t * t * g / (n + EPSILON) for t, g in zip(scales, grads)]
+
+
+# ---------------------------------------------------------------------- helpers of the SAM variants
+# Every cross-tensor reduction of the variants (norms, inner products, projections) goes through
+# `global_norm` / `global_dot` below, so a sharded engine (FSDP2) can reduce them over the shards in
+# one place. Element-wise maths needs no reduction and works per shard.
+
+
+@torch.no_grad()
+def orthogonal_component(v: Sequence[torch.Tensor], u: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """v minus its projection on u: v - (<v, u> / ||u||^2) u (new tensors; u = 0 leaves v unchanged)."""
+    coefficient = global_dot(v, u) / (global_norm(u) ** 2 + EPSILON)
+    return [x - coefficient.to(x.dtype) * y for x, y in zip(v, u)]
+
+
+@torch.no_grad()
+def looksam_reuse_(
+    grads: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], alpha: float, direction_norm: float | None = None
+) -> None:
+    """LookSAM between refreshes: g <- g + alpha * (||g|| / ||g_v||) * g_v, in place (Liu et al., 2022).
+
+    `direction_norm` is ||g_v|| if the caller kept it (it does not change between refreshes)."""
+    if direction_norm is None:
+        direction_norm = float(global_norm(direction))
+    factor = alpha * float(global_norm(grads)) / (direction_norm + EPSILON)
+    torch._foreach_add_(list(grads), list(direction), alpha=factor)
+
+
+@torch.no_grad()
+def gsam_combine_(
+    perturbed_grads: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], alpha: float
+) -> None:
+    """GSAM: g_s <- g_s - alpha * (g orthogonal to g_s), in place (Zhuang et al., 2022).
+
+    g_s is the gradient at w + e, g the one at w; the component of g orthogonal to g_s is
+    g - c g_s with c = <g, g_s> / ||g_s||^2, so the update is (1 + alpha c) g_s - alpha g (no temporary).
+    """
+    perturbed_grads, grads = list(perturbed_grads), list(grads)
+    if not perturbed_grads:
+        return
+    c = float(global_dot(grads, perturbed_grads)) / (float(global_norm(perturbed_grads)) ** 2 + EPSILON)
+    torch._foreach_mul_(perturbed_grads, 1.0 + alpha * c)
+    torch._foreach_add_(perturbed_grads, [g.to(s.dtype) for g, s in zip(grads, perturbed_grads)], alpha=-alpha)
+
+
+@torch.no_grad()
+def fisher_perturbation_(
+    grads: Sequence[torch.Tensor],
+    *,
+    rho: float,
+    eta: float,
+    fisher: Sequence[torch.Tensor] | None = None,
+    all_finite: Callable[[bool], bool] | None = None,
+) -> PerturbationResult:
+    """Fisher-SAM (Kim et al., 2022), in place: e = rho * g / f / sqrt(sum g^2 / f), f = 1 + eta * F.
+
+    F is the diagonal Fisher estimate: `fisher` (e.g. a running mean of g^2) or, when None, the
+    squared mini-batch gradient g^2 as in the paper. e maximises <g, e> over the ellipsoid
+    e^T diag(f) e <= rho^2.
+    """
+    grads = list(grads)
+    if not grads:
+        return PerturbationResult(applied=False, grad_norm=torch.zeros(()), perturbation_norm=None)
+    grad_norm = global_norm(grads)
+    finite = bool(torch.isfinite(grad_norm))
+    if all_finite is not None:
+        finite = all_finite(finite)
+    if not finite:
+        return PerturbationResult(applied=False, grad_norm=grad_norm, perturbation_norm=None)
+    source = grads if fisher is None else list(fisher)
+    inverse = []
+    for g, s in zip(grads, source):  # 1 / (1 + eta * F), element-wise
+        f = s * s if fisher is None else s.to(g.dtype)
+        inverse.append(torch.reciprocal(f.mul(eta).add_(1.0)))
+    scaled = [g * i for g, i in zip(grads, inverse)]  # F^-1 g
+    denominator = torch.sqrt(global_dot(grads, scaled))  # sqrt(g^T F^-1 g)
+    factor = rho / (float(denominator) + EPSILON)
+    torch._foreach_copy_(grads, scaled)
+    torch._foreach_mul_(grads, factor)
+    return PerturbationResult(applied=True, grad_norm=grad_norm, perturbation_norm=global_norm(grads))
+
+
+def filterwise_gaussian(
+    weights: Sequence[torch.Tensor], sigma: float, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """Random weight perturbation: for each row i of a matrix W (out x in...), e_i ~ N(0, sigma^2 ||W_i||^2 / n)
+    with n the row's size (Flat-LoRA, Li et al., 2024); 1-D tensors (biases, norms) get e = 0.
+
+    The noise of tensor k is drawn, in list order, with `torch.randn(W.shape, generator=generator)` on CPU
+    in float32 (so every device and rank that seeds the generator alike draws the same e).
+    """
+    noise = []
+    for w in weights:
+        if w.dim() < 2:
+            noise.append(torch.zeros_like(w))
+            continue
+        z = torch.randn(tuple(w.shape), generator=generator, dtype=torch.float32).to(w.device)
+        rows = w.detach().reshape(w.shape[0], -1)
+        std = sigma * torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32) / math.sqrt(rows.shape[1])
+        noise.append(z.mul_(std.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
+    return noise
+
+
+def sharpest_examples(before: torch.Tensor, after: torch.Tensor, gamma: float) -> torch.Tensor:
+    """ESAM's sharpness-sensitive data selection: indices of the int(gamma * B) examples (at least one)
+    with the largest loss increase after - before, in increasing index order."""
+    if before.shape != after.shape or before.dim() != 1:
+        raise ValueError(f"per-example losses must be two 1-D tensors of one shape, got {before.shape}, {after.shape}.")
+    count = max(1, int(before.numel() * gamma))
+    chosen = torch.topk(after - before, count).indices
+    return torch.sort(chosen).values
+
+
+def noise_seed(seed: int, global_step: int, micro_batch: int, rank: int = 0) -> int:
+    """The seed of the random perturbation of one micro-batch (one generator per micro-batch, so a resumed
+    run draws the same noise and ranks sharing a perturbation draw the same one). A fixed, documented mix."""
+    return ((int(seed) * 1_000_003 + int(global_step)) * 10_007 + int(micro_batch)) * 101 + int(rank)

@@ -225,6 +225,9 @@ class SAFTTrainerMixin:
         if not self.sam_enabled:
             return super().training_step(model, inputs, num_items_in_batch)
 
+        if not self._sam_step_due():
+            return self._sam_plain_micro_batch(model, inputs, num_items_in_batch)
+
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
@@ -235,9 +238,12 @@ class SAFTTrainerMixin:
             fsdp2.reshard(model)  # named_parameters() must be the sharded DTensors
         first_pass_model = self._sam_first_pass_model(model)
         step = self._sam_step(first_pass_model, inputs)
+        step.accumulation_factor = float(self._normalize_like_parent(torch.ones(()), num_items_in_batch))
         loss = grads = bn_snapshot = None
         if strategy.takes_first_pass(step):
-            loss, grads = self._sam_first_pass(model, first_pass_model, step.params, inputs, num_items_in_batch)
+            loss, grads, step.first_pass_outputs = self._sam_first_pass(
+                model, first_pass_model, step.params, inputs, num_items_in_batch, strategy.needs_first_pass_outputs
+            )
             kept = [(n, p, g) for n, p, g in zip(step.names, step.params, grads) if g is not None]
             step.names = [n for n, _, _ in kept]
             step.params = [p for _, p, _ in kept]
@@ -250,21 +256,35 @@ class SAFTTrainerMixin:
         zero3 = self._zero_stage == 3
         engine = self._deepspeed_engine()
         backups = None
+        targets = params  # the tensors e is added to (a variant may name others, see Perturbation.params)
         with self._sam_gathered(params, zero3), torch.no_grad():
             perturbation = strategy.perturbation(step, grads)
             if perturbation is not None and perturbation.applied:
-                backups = sharpness.perturb_(params, perturbation.tensors, release=True)
+                if perturbation.params is not None:
+                    if zero3:
+                        raise NotImplementedError(
+                            f"sam_variant={self.args.sam_variant!r} perturbs tensors other than the trained ones, "
+                            "which DeepSpeed ZeRO-3 does not gather here; use ZeRO-1/2 or DDP."
+                        )
+                    targets = list(perturbation.params)
+                backups = sharpness.perturb_(targets, perturbation.tensors, release=True)
                 perturbation.tensors = None
         del grads
         try:
             if perturbation is not None and not perturbation.applied:
                 self._sam_report_skip(perturbation)
+            second_inputs, second_items = inputs, num_items_in_batch
+            if backups is not None:
+                with torch.no_grad():
+                    second_inputs = strategy.second_pass_inputs(step)
+                if second_inputs is not inputs:  # a subset: its mean loss, not Trainer's token-count scaling
+                    step.second_pass_is_subset, second_items = True, None
             with _defer_engine_step(engine):
-                perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
+                perturbed_loss = super().training_step(model, second_inputs, second_items)
         finally:
             if backups is not None:
-                with self._sam_gathered(params, zero3):
-                    sharpness.restore_(params, backups)
+                with self._sam_gathered(targets, zero3):
+                    sharpness.restore_(targets, backups)
                 if self._fsdp2_enabled:
                     fsdp2.reshard(model)  # drop any unsharded copy that still holds w + e
             if bn_snapshot is not None:
@@ -297,13 +317,27 @@ class SAFTTrainerMixin:
             params=params,
             trainable=list(params),
             world_size=world,
+            rank=dist.get_rank() if world > 1 else 0,
             zero_stage=self._zero_stage,
             synced_first_pass=self._sam_sync_gradients(),
             inputs=inputs,
+            model=first_pass_model,
             _all_ranks_agree=self._sam_all_ranks_agree,
             _all_reduce_mean=self._all_reduce_mean,
             _deepspeed=self.is_deepspeed_enabled,
         )
+
+    def _sam_step_due(self) -> bool:
+        """sam_interval=k: the sharpness-aware step on optimizer steps 0, k, 2k, ...; plain steps in between."""
+        return self.state.global_step % self.args.sam_interval == 0
+
+    def _sam_plain_micro_batch(self, model, inputs, num_items_in_batch) -> torch.Tensor:
+        """A micro-batch of a plain optimizer step between SAM steps: exactly Trainer's, the variant is not called."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        last = bool(self.accelerator.sync_gradients)
+        self._sam_micro_batch = 0 if last else self._sam_micro_batch + 1
+        self._sam_log.add(loss, None, last)
+        return loss
 
     def _sam_report_skip(self, result: sam_variants.Perturbation) -> None:
         """Warn on the first skipped perturbation; later ones (fp16 overflows are common early) at info level."""
@@ -326,8 +360,9 @@ class SAFTTrainerMixin:
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         return [n for n, _ in named], [p for _, p in named]
 
-    def _sam_first_pass(self, model, first_pass_model, params, inputs, num_items_in_batch):
-        """Loss and gradient at w, without touching `.grad` or any distributed reduction."""
+    def _sam_first_pass(self, model, first_pass_model, params, inputs, num_items_in_batch, keep_outputs=False):
+        """Loss, gradient (and the model outputs if `keep_outputs`) at w, without touching `.grad` or any
+        distributed reduction."""
         if not params:
             raise ValueError(
                 "SAM's first pass found no trainable parameter (all have requires_grad=False): unfreeze the "
@@ -342,8 +377,14 @@ class SAFTTrainerMixin:
         else:
             isolation = contextlib.nullcontext()
         with isolation:
+            outputs = None
             with self.compute_loss_context_manager():
-                loss = self.compute_loss(first_pass_model, dict(inputs), num_items_in_batch=num_items_in_batch)
+                if keep_outputs:
+                    loss, outputs = self.compute_loss(
+                        first_pass_model, dict(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch
+                    )
+                else:
+                    loss = self.compute_loss(first_pass_model, dict(inputs), num_items_in_batch=num_items_in_batch)
             if self.args.n_gpu > 1:
                 loss = loss.mean()
             try:
@@ -366,7 +407,7 @@ class SAFTTrainerMixin:
             fsdp2.reshard(model)
         elif self._sam_sync_gradients():
             grads = self._all_reduce_mean(params, grads)
-        return loss, grads
+        return loss, grads, outputs
 
     def _scale_for_grad(self, loss: torch.Tensor) -> torch.Tensor:
         """Scale the first-pass loss like the second one (fp16), so small gradients do not underflow.

@@ -168,3 +168,80 @@ def test_bf16_gradients_are_normed_in_float32():
     for a, b in zip(e16, reference):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=1e-4)
+
+
+# ---------------------------------------------------------------- helpers of the SAM variants
+def _flat(tensors):
+    return torch.cat([t.flatten() for t in tensors])
+
+
+def test_global_dot_and_orthogonal_component():
+    torch.manual_seed(0)
+    a = [torch.randn(3, 4), torch.randn(5)]
+    b = [torch.randn(3, 4), torch.randn(5)]
+    assert sharpness.global_dot(a, b) == pytest.approx(float(_flat(a) @ _flat(b)), rel=1e-6)
+    v = sharpness.orthogonal_component(a, b)
+    assert float(_flat(v) @ _flat(b)) == pytest.approx(0.0, abs=1e-5)
+    # v + projection = a
+    coefficient = float(_flat(a) @ _flat(b)) / float(_flat(b) @ _flat(b))
+    assert torch.allclose(_flat(v) + coefficient * _flat(b), _flat(a), atol=1e-6)
+
+
+def test_gsam_combine_equals_the_formula():
+    torch.manual_seed(1)
+    g_s = [torch.randn(4, 2), torch.randn(3)]
+    g = [torch.randn(4, 2), torch.randn(3)]
+    fs, fg = _flat(g_s), _flat(g)
+    expected = fs - 0.3 * (fg - (fg @ fs) / (fs @ fs) * fs)
+    sharpness.gsam_combine_(g_s, g, 0.3)
+    assert torch.allclose(_flat(g_s), expected, atol=1e-6)
+
+
+def test_looksam_reuse_equals_the_formula():
+    torch.manual_seed(2)
+    g = [torch.randn(6), torch.randn(2, 2)]
+    v = [torch.randn(6), torch.randn(2, 2)]
+    fg, fv = _flat(g), _flat(v)
+    expected = fg + 0.7 * fg.norm() / fv.norm() * fv
+    sharpness.looksam_reuse_(g, v, 0.7)
+    assert torch.allclose(_flat(g), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("running", [False, True])
+def test_fisher_perturbation_lies_on_the_ellipsoid(running):
+    torch.manual_seed(3)
+    g = [torch.randn(5, 3), torch.randn(4)]
+    fisher = [torch.rand(5, 3), torch.rand(4)] if running else None
+    f = [1 + 2.0 * (x if running else y * y) for x, y in zip(fisher or g, g)]
+    expected_direction = _flat([a / b for a, b in zip(g, f)])
+    result = sharpness.fisher_perturbation_(g, rho=0.1, eta=2.0, fisher=fisher)
+    e = _flat(g)
+    assert result.applied
+    assert float((e * e * _flat(f)).sum().sqrt()) == pytest.approx(0.1, rel=1e-5)  # e^T diag(f) e = rho^2
+    assert torch.allclose(e / e.norm(), expected_direction / expected_direction.norm(), atol=1e-6)
+
+
+def test_fisher_perturbation_skips_non_finite_gradients():
+    g = [torch.tensor([1.0, float("inf")])]
+    assert not sharpness.fisher_perturbation_(g, rho=0.1, eta=1.0).applied
+
+
+def test_filterwise_gaussian_scales_rows_and_leaves_vectors():
+    w = torch.cat([torch.ones(1, 400), 10 * torch.ones(1, 400)])
+    bias = torch.ones(2)
+    noise = sharpness.filterwise_gaussian([w, bias], 0.1, torch.Generator().manual_seed(0))
+    assert torch.equal(noise[1], torch.zeros(2))
+    # row i: std sigma * ||W_i|| / sqrt(n) = 0.1 * |w_ij| here
+    assert noise[0][0].std().item() == pytest.approx(0.1, rel=0.15)
+    assert noise[0][1].std().item() == pytest.approx(1.0, rel=0.15)
+    again = sharpness.filterwise_gaussian([w, bias], 0.1, torch.Generator().manual_seed(0))
+    assert torch.equal(noise[0], again[0])
+
+
+def test_sharpest_examples_picks_the_largest_increases():
+    before = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0])
+    after = torch.tensor([1.1, 3.0, 0.5, 2.0, 1.0])
+    assert sharpness.sharpest_examples(before, after, 0.4).tolist() == [1, 3]
+    assert sharpness.sharpest_examples(before, after, 0.01).tolist() == [1]  # at least one
+    with pytest.raises(ValueError, match="per-example losses"):
+        sharpness.sharpest_examples(before, after[:3], 0.5)

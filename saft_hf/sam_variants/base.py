@@ -11,7 +11,9 @@ Call order inside `training_step`, per micro-batch (only when `sam_rho > 0`):
     takes_first_pass(step)            -> bool
     [first pass: loss + grads at w, via torch.autograd.grad; never touches .grad]
     perturbation(step, grads)         -> Perturbation | None   (ZeRO-3: inside the gather)
-    [w += e; second pass at w + e = the parent's training_step (backward into .grad); w restored]
+    [w += e]
+    second_pass_inputs(step)          -> the inputs of the second pass (default: the micro-batch)
+    [second pass at w + e = the parent's training_step (backward into .grad); w restored]
     after_second_pass(step)           (every micro-batch, w restored)
     before_optimizer_step(step)       (last micro-batch of the accumulation window only, after its
                                        backward, before clipping and the optimizer / DeepSpeed step)
@@ -43,6 +45,10 @@ class Perturbation:
 
     applied: bool
     tensors: list[torch.Tensor] | None = None
+    #: the tensors e is added to, aligned with `tensors`; None means `step.params`. Lets a variant perturb
+    #: tensors that are not trained (Flat-LoRA perturbs the frozen base weight W0 of a LoRA layer, so that
+    #: W0 + e + BA is the full weight perturbed). They are backed up and restored like `step.params`.
+    params: list[torch.Tensor] | None = None
     grad_norm: torch.Tensor | float | None = None  # logged (mean) as sam_grad_norm
     norm: torch.Tensor | float | None = None  # ||e||, logged (mean) as sam_perturbation_norm
 
@@ -68,6 +74,14 @@ class TrainingSetup:
     gradient_accumulation_steps: int = 1
 
 
+def not_verified_under_fsdp2(setup: "TrainingSetup") -> str | None:
+    """The refusal of a variant whose sharded-state handling has no FSDP2 replay test yet."""
+    if setup.distributed == "fsdp2":
+        return ("this variant has no FSDP2 replay test yet (its state and reductions over sharded DTensors are "
+                "unverified); under FSDP2 use sam_variant 'sam' or 'asam', or train it with DDP or DeepSpeed ZeRO.")
+    return None
+
+
 @dataclass
 class SAMStep:
     """Per-micro-batch context handed to every hook. Read the fields; call the helpers for collectives.
@@ -91,11 +105,22 @@ class SAMStep:
     params: list[torch.nn.Parameter]
     trainable: list[torch.nn.Parameter]
     world_size: int = 1
+    rank: int = 0
     zero_stage: int = 0
     synced_first_pass: bool = False
+    #: multiply a first-pass gradient by this to put it on the scale of the accumulated `.grad`
+    #: (1 / gradient_accumulation_steps, or 1 when Trainer normalises the loss by num_items_in_batch)
+    accumulation_factor: float = 1.0
     inputs: Any = None
     first_pass_loss: torch.Tensor | None = None
     second_pass_loss: torch.Tensor | None = None
+    #: the model's outputs of the first pass (only when the variant sets `needs_first_pass_outputs`)
+    first_pass_outputs: Any = None
+    #: the unwrapped module the first pass runs through (no DDP wrapper; the DeepSpeed engine's module)
+    model: Any = None
+    #: True when the second pass must not use Trainer's `num_items_in_batch` normalisation (set by the
+    #: trainer when `second_pass_inputs` returns a subset: the loss is then the subset's mean)
+    second_pass_is_subset: bool = False
     _all_ranks_agree: Callable[[bool], bool] = field(default=lambda flag: flag, repr=False)
     _all_reduce_mean: Callable[[list, list], list] | None = field(default=None, repr=False)
     _deepspeed: bool = field(default=False, repr=False)
@@ -185,6 +210,8 @@ class SAMVariant:
     name: ClassVar[str] = ""
     #: model-card tags added next to "saft" when this variant trained the model
     model_card_tags: ClassVar[tuple[str, ...]] = ()
+    #: the trainer keeps the first pass's model outputs in `step.first_pass_outputs` (e.g. per-example losses)
+    needs_first_pass_outputs: ClassVar[bool] = False
     #: optional dataclass whose `sam_*` fields are added to SAFT(Seq2Seq)TrainingArguments; only for
     #: variants inside the saft_hf.sam_variants package (collected when saft_hf.args is first imported)
     arguments: ClassVar[type | None] = None
@@ -219,6 +246,14 @@ class SAMVariant:
         `all_finite=step.all_ranks_agree` so every rank skips a non-finite perturbation together.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement perturbation(step, grads).")
+
+    def second_pass_inputs(self, step: SAMStep) -> Any:
+        """The inputs of the second pass, called with the weights at w + e (only when a perturbation was applied).
+
+        Default: the micro-batch itself (`step.inputs`). Returning a different object (e.g. ESAM's subset of
+        the examples) makes the second pass a mean over those inputs: Trainer's `num_items_in_batch` is not
+        used for it. Run forward passes here through `step.model` under `torch.no_grad()`."""
+        return step.inputs
 
     def after_second_pass(self, step: SAMStep) -> None:
         """After each micro-batch's (second) backward, weights already restored to w.

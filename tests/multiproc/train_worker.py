@@ -5,7 +5,7 @@ Trains TinyClassifier with SAFTTrainer under DDP, DeepSpeed ZeRO-1/2/3 or FSDP2 
 micro-batch each rank saw and how far each training_step left the weights from where it found them
 (the restore must be exact), and saves batches (per rank) + initial and final weights (rank 0)
 into OUT/<run name>/. Several runs share one launch (the imports dominate the cost); each run is
-`backend:grad_accum:local|sync[:sam_variant]` (variant default "asam"), DDP runs first (DeepSpeed
+`backend:grad_accum:local|sync[:sam_variant[:sam_interval]]` (variant default "asam", interval 1), DDP runs first (DeepSpeed
 leaves process-wide state behind). SAFT_TEST_SAM_VARIANT_MODULES (comma-separated module names) are
 imported first, so a variant registered in test code can be named in a run.
 
@@ -115,7 +115,8 @@ def allow_fsdp_on_cpu() -> None:
     AcceleratorState._saft_fsdp_on_cpu = True
 
 
-def run_one(out: str, backend: str, grad_accum: int, sync: bool, steps: int, rho: float, variant: str) -> None:
+def run_one(out: str, backend: str, grad_accum: int, sync: bool, steps: int, rho: float, variant: str,
+            interval: int = 1) -> None:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()  # a fresh accelerator (DDP, DeepSpeed or FSDP2) for every run
@@ -146,6 +147,7 @@ def run_one(out: str, backend: str, grad_accum: int, sync: bool, steps: int, rho
         disable_tqdm=True,
         sam_rho=rho,
         sam_variant=variant,
+        sam_interval=interval,
         sam_sync_perturbation=sync,
         deepspeed=deepspeed_config(int(backend[-1])) if backend.startswith("zero") else None,
         # fc1 and fc2 get their own FSDP2 groups, the LayerNorm stays in the root's (min_num_params=20)
@@ -194,18 +196,21 @@ def run_one(out: str, backend: str, grad_accum: int, sync: bool, steps: int, rho
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--runs", nargs="+", required=True, help="backend:grad_accum:local|sync[:variant] ...")
+    parser.add_argument("--runs", nargs="+", required=True,
+                        help="backend:grad_accum:local|sync[:variant[:interval]] ...")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rho", type=float, default=0.5)
     cli = parser.parse_args()
     for module in filter(None, os.environ.get("SAFT_TEST_SAM_VARIANT_MODULES", "").split(",")):
         importlib.import_module(module.strip())  # registers its variants
     for spec in cli.runs:
-        backend, grad_accum, mode, *variant = spec.split(":")
+        backend, grad_accum, mode, *rest = spec.split(":")
         backends = ("ddp", "zero1", "zero2", "zero3", "fsdp2", "fsdp2bf16")
-        assert backend in backends and mode in ("local", "sync") and len(variant) <= 1, spec
+        assert backend in backends and mode in ("local", "sync") and len(rest) <= 2, spec
+        variant = rest[0] if rest else "asam"
+        interval = int(rest[1]) if len(rest) > 1 else 1
         run_one(os.path.join(cli.out, spec.replace(":", "_")), backend, int(grad_accum), mode == "sync", cli.steps,
-                cli.rho, variant[0] if variant else "asam")
+                cli.rho, variant, interval)
 
 
 if __name__ == "__main__":
