@@ -68,8 +68,8 @@ def _free_space(path: Path) -> str:
 
 def os_error_message(exc: OSError, output: str | os.PathLike | None = None) -> str:
     """One line saying what went wrong with which path, and what to do about it."""
-    if isinstance(exc, OutputError):
-        return str(exc)
+    if isinstance(exc, OutputError) or (exc.errno is None and exc.filename is None and len(exc.args) == 1):
+        return " ".join(str(exc).split())  # an OSError raised with a message of ours (e.g. ModelPathError)
     name = exc.filename if exc.filename is not None else output
     where = f" {name}" if name is not None else ""
     code = exc.errno
