@@ -6,6 +6,8 @@ Public API (used by every command that writes results):
 
 - `check_output(path, inputs=(), overwrite=False, directory=True) -> Path`: all the up-front
   checks, creating nothing - call it before expensive work so a bad output fails in a second.
+- `check_output_directory(path, what, inputs) -> Path`: the same for a directory that is filled
+  in file by file (may exist, must not be a file).
 - `atomic_directory(path, overwrite=False, inputs=()) -> Iterator[Path]`: a temporary directory
   beside `path`, renamed to `path` on success (see its docstring for the guarantees).
 - `atomic_path(path, inputs=()) -> Iterator[Path]`: the same for one file (always replaces).
@@ -201,6 +203,16 @@ def check_output(path, inputs: Iterable = (), overwrite: bool = False, directory
         why = "is on a read-only filesystem" if read_only else "is not writable (permission denied)"
         raise OutputError(f"cannot write output {p}: {anc} {why}; choose a writable location")
     return p
+
+
+def check_output_directory(path, what: str = "output", inputs: Iterable = ()) -> Path:
+    """For a directory a command fills in (it may exist; files in it are replaced one by one):
+    `check_output(path, inputs, overwrite=True)`, and refuse an existing non-directory now, before
+    the work, not when the first file is written. Returns `path` as given, as a Path."""
+    p = check_output(path, inputs=inputs, overwrite=True)
+    if os.path.lexists(p) and not p.is_dir():
+        raise OutputError(f"{what} {path} is a file, not a directory; choose a directory (it is created if missing)")
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------------------------

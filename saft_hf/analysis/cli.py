@@ -116,7 +116,7 @@ def run(args, build_probe: Callable[[list[str], dict[str, dict[str, str]]], obje
 
     from saft_hf.analysis.checkpoints import load_state_dict, task_vectors_from_checkpoints
     from saft_hf.analysis.run import run_all
-    from saft_hf.io_utils import check_output
+    from saft_hf.io_utils import check_output_directory
     from saft_hf.model_paths import check_model_path
 
     if args.threads:
@@ -141,9 +141,7 @@ def run(args, build_probe: Callable[[list[str], dict[str, dict[str, str]]], obje
         for task, path in by_task.items():
             check_model_path(path, f"checkpoint of task {task!r}")
     inputs = [args.pretrained, *(p for by_task in checkpoints.values() for p in by_task.values())]
-    out = check_output(args.output, inputs=inputs, overwrite=True)  # an existing directory is filled in
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--output {args.output} is a file; give a directory for the JSON and plots")
+    out = check_output_directory(args.output, "--output", inputs=inputs)  # an existing directory is filled in
     tasks = list(dict.fromkeys(t for by_task in checkpoints.values() for t in by_task))
     probe = (_factory_probe(args.probe_factory, args.pretrained, tasks) if args.probe_factory
              else build_probe(tasks, checkpoints))

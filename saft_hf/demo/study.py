@@ -31,7 +31,7 @@ from saft_hf.demo.sources import (SOURCES, CacheError, SourceUnavailable, defaul
                                   sha256_file, verify_files, verify_manifest)
 from saft_hf.evaluation import summarize
 from saft_hf.heads import ZeroShotHead
-from saft_hf.io_utils import OutputError, atomic_directory, check_output, write_json_atomic
+from saft_hf.io_utils import atomic_directory, check_output_directory, write_json_atomic
 from saft_hf.pools import InMemoryModelPool
 from saft_hf.tasks.text_demo import DEFAULT_TASKS, TextTask, get_task
 
@@ -363,24 +363,15 @@ def run_diagnostics(context: DiagnosticsContext, output_dir: Path, enabled: bool
 # --- the whole study ---------------------------------------------------------------------------
 
 
-def _directory_location(path, what: str, inputs=()) -> Path:
-    """`path` may exist (as a directory: it is filled in) or be creatable; refuse anything else now,
-    not after the study has run."""
-    p = check_output(path, inputs=inputs, overwrite=True)
-    if os.path.lexists(p) and not p.is_dir():
-        raise OutputError(f"{what} {path} is a file, not a directory; choose a directory (it is created if missing)")
-    return Path(path)
-
-
 def preflight(cfg: StudyConfig) -> tuple[Path, Path, str, object]:
     """Everything checkable in seconds, before any data fetch or training: the cache and report
     locations, the model (a text encoder that takes token ids) and its tokenizer (matching its
     vocabulary). Returns (cache_dir, output_dir, model_path, tokenizer)."""
     from saft_hf.model_paths import check_model_path
 
-    cache_dir = _directory_location(cfg.cache_dir or default_cache_dir(), "--cache-dir")
+    cache_dir = check_output_directory(cfg.cache_dir or default_cache_dir(), "--cache-dir")
     model_path = check_model_path(cfg.model, "--model") if cfg.model else demo_model.default_model_path()
-    output_dir = _directory_location(cfg.output_dir, "--output", inputs=[model_path])
+    output_dir = check_output_directory(cfg.output_dir, "--output", inputs=[model_path])
     demo_model.check_text_encoder(model_path)
     tokenizer = demo_model.load_tokenizer(model_path)
     return cache_dir, output_dir, model_path, tokenizer
