@@ -60,12 +60,13 @@ def task_vectors_from_checkpoints(pretrained: Mapping[str, torch.Tensor],
 
 def _missing_weights(pretrained: Mapping[str, torch.Tensor], ft: Mapping[str, torch.Tensor]) -> list[str]:
     """Floating-point pretrained weights absent from `ft`, except tied copies (an output projection
-    stored once, as its input embedding: equal to a pretrained weight that `ft` does hold)."""
+    stored once, as its input embedding: a matrix equal to a pretrained weight that `ft` does hold;
+    vectors are never taken as tied, freshly initialised norms and biases are all equal)."""
     missing = []
     for key, value in pretrained.items():
         if key in ft or not torch.is_floating_point(value):
             continue
-        tied = any(other in ft and other != key and pretrained[other].shape == value.shape
+        tied = value.dim() >= 2 and any(other in ft and other != key and pretrained[other].shape == value.shape
                    and torch.equal(pretrained[other], value) for other in pretrained)
         if not tied:
             missing.append(key)
