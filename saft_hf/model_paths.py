@@ -40,16 +40,17 @@ def looks_local(name: str | os.PathLike) -> bool:
     return "/" in text and os.path.isdir(head)
 
 
-def check_model_path(name: str | os.PathLike, what: str = "model") -> str:
+def check_model_path(name: str | os.PathLike, what: str = "model", hub_kind: str = "model") -> str:
     """Return `name` (a str) if it exists locally or may be a Hub name; raise `ModelPathError`
-    ("<what> path X does not exist") if it can only be a local path and is not there."""
+    ("<what> path X does not exist") if it can only be a local path and is not there. `hub_kind`
+    names what a Hub name would be in the hint ("model", "dataset")."""
     text = os.fspath(name)
     if os.path.exists(os.path.expanduser(text)) or not looks_local(text):
         return text
     existing = _deepest_existing(os.path.expanduser(text))
     hint = f" ({existing} exists, but not the rest)" if existing else ""
-    raise ModelPathError(f"{what} path {text} does not exist{hint}; check the path (a Hub model is named like "
-                         "org/name)", text)
+    raise ModelPathError(f"{what} path {text} does not exist{hint}; check the path (a Hub {hub_kind} is named "
+                         "like org/name)", text)
 
 
 def _deepest_existing(path: str) -> str | None:

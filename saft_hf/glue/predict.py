@@ -32,7 +32,13 @@ def load_seq2seq_model(name_or_path: str | os.PathLike, torch_dtype=None):
         with hub_load_errors(base_name, f"base model of adapter {path}"):
             base = AutoModelForSeq2SeqLM.from_pretrained(base_name, **dtype)
         return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    from transformers import AutoConfig
+
     with hub_load_errors(name_or_path, "model"):
+        config = AutoConfig.from_pretrained(str(name_or_path))
+        if not getattr(config, "is_encoder_decoder", False):  # else a page-long "Unrecognized configuration"
+            raise ValueError(f"model {name_or_path} is a {config.model_type!r} checkpoint; GLUE evaluation needs a "
+                             "seq2seq model (T5 / Flan-T5, as the GLUE recipe fine-tunes) or a PEFT adapter of one")
         return AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path), **dtype)
 
 

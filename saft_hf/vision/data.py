@@ -32,7 +32,7 @@ def load_task_dataset(task: VisionTask, data_path: str | os.PathLike | None = No
 
     source = os.fspath(data_path) if data_path else task.dataset
     if data_path:
-        check_model_path(source, f"dataset of task {task.name!r}")
+        check_model_path(source, f"dataset of task {task.name!r}", hub_kind="dataset")
     try:
         if os.path.isdir(source) and (Path(source, "dataset_dict.json").exists() or Path(source, "state.json").exists()):
             ds = datasets.load_from_disk(source)
