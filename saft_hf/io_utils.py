@@ -449,16 +449,35 @@ def _remove_created(created: list[Path]) -> None:
             os.rmdir(q)  # only if still empty
 
 
+_ERRNO_IN_TEXT = re.compile(r"(?:os error|Errno|code:)\s*(\d+)")
+
+
+def write_errno(exc: BaseException) -> int | None:
+    """The 'disk full / read-only' errno of `exc`, also when a library wraps it in its own type
+    (safetensors: `SafetensorError: ... Os { code: 28 ... }`); None for anything else."""
+    if isinstance(exc, OSError):
+        return exc.errno if exc.errno in _WRITE_ERRNOS else None
+    text = str(exc)
+    for match in _ERRNO_IN_TEXT.finditer(text):
+        if int(match.group(1)) in _WRITE_ERRNOS:
+            return int(match.group(1))
+    if "No space left on device" in text:
+        return errno.ENOSPC
+    return None
+
+
 @contextlib.contextmanager
 def _output_errors(p: Path) -> Iterator[None]:
-    """Turn 'disk full / read-only / ...' OSErrors raised while writing `p` into OutputError."""
+    """Turn 'disk full / read-only / ...' errors raised while writing `p` into OutputError."""
     try:
         yield
     except OutputError:
         raise
-    except OSError as exc:
-        if exc.errno in _WRITE_ERRNOS:
-            raise OutputError(os_error_message(exc, output=p)) from exc
+    except Exception as exc:
+        code = write_errno(exc)
+        if code is not None:
+            err = exc if isinstance(exc, OSError) else OSError(code, os.strerror(code))
+            raise OutputError(os_error_message(err, output=p)) from exc
         raise
 
 
