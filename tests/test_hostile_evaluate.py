@@ -88,6 +88,9 @@ CASES = [
          output="clip/eval"),
     Case("vision-merge-study-no-output", lambda ws: ["vision", "--merge-study", str(ws / "clip")], 1,
          "give --output-dir"),
+    Case("vision-merge-study-run-missing",
+         lambda ws: ["vision", "--merge-study", str(ws / "runs/dtd"), "--output-dir", str(ws / "out")], 1,
+         "--merge-study run directory path"),
     # glue: the same review
     Case("glue-model-missing", lambda ws: glue(ws, "./runs/merged"), 1, "--model path ./runs/merged does not exist"),
     Case("glue-model-hub-offline", lambda ws: glue(ws, "org/not-cached"), 1, "neither a local path nor a cached"),

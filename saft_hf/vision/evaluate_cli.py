@@ -173,6 +173,13 @@ def _run_merge_study(args: argparse.Namespace) -> int:
 
     if not args.output_dir:
         raise ValueError("--merge-study: give --output-dir")
+    from saft_hf.model_paths import check_model_path
+
+    for run_dir in args.merge_study:
+        check_model_path(run_dir, "--merge-study run directory")
+        if not Path(run_dir).is_dir():
+            raise NotADirectoryError(f"--merge-study {run_dir} is not a directory; give the fine-tuning runs' output "
+                                     "directories (one per task)")
     check_output_directory(args.output_dir, "--output-dir", inputs=args.merge_study)
     report = run_merge_study(args.merge_study, args.output_dir, args.base_model, data_paths=_parse_data(args.data),
                              search_max_samples=args.search_max_samples, test_max_samples=args.max_samples,
