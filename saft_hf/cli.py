@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    return run_command(args.command, importlib.import_module(args._module).run, args)
+    # `saft-hf evaluate vision: error: ...`: the family is part of the command the user typed
+    label = " ".join(filter(None, [args.command, getattr(args, "family", None) if args.command == "evaluate" else None]))
+    return run_command(label, importlib.import_module(args._module).run, args)
 
 
 def error_line(command: str, message: object) -> str:

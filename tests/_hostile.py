@@ -114,7 +114,9 @@ def leftover_entries(root: Path) -> list[str]:
 
 
 def error_lines(err: str, command: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith(f"saft-hf {command}: error:")]
+    """`saft-hf COMMAND: error:` lines (`saft-hf evaluate FAMILY: error:` for evaluate)."""
+    pattern = re.compile(rf"saft-hf {re.escape(command)}( [a-z]+)?: error: ")
+    return [line for line in err.splitlines() if pattern.match(line)]
 
 
 def run_case(case: Case, ws: Path, command: list[str], capsys, main) -> str:

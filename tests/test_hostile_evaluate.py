@@ -1,5 +1,5 @@
 """Hostile input for `saft-hf evaluate vision` and `saft-hf evaluate glue` (issue 11, items 13, 14):
-each case gives its exit code and one `saft-hf evaluate: error:` line naming the input and the
+each case gives its exit code and one `saft-hf evaluate FAMILY: error:` line naming the input and the
 fix; after every case the inputs are unchanged and nothing is left behind. Every case fails in
 the checks made before the evaluation runs."""
 from __future__ import annotations
@@ -107,4 +107,6 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_hostile_evaluate_input(case, ws, capsys):
-    run_case(case, ws, ["evaluate"], capsys, main)
+    family = case.id.split("-")[0]
+    line = run_case(case, ws, ["evaluate"], capsys, main)
+    assert line.startswith(f"saft-hf evaluate {family}: error: "), line
