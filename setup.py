@@ -30,6 +30,9 @@ EXTRAS = {
     "dev": ["pytest>=8", "hypothesis>=6.100", "scipy>=1.11", "scikit-learn>=1.3"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+# Other tools the tests compare against (tests/test_merging_mergekit.py); never a runtime
+# dependency and not part of "all" (mergekit brings its own pins).
+EXTRAS["peers"] = ["mergekit==0.1.5"]
 
 setup(
     name="saft-hf",

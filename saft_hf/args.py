@@ -78,7 +78,8 @@ class _CoreSharpnessArguments:
         metadata={
             "help": "Multi-process training: all-reduce (mean) the first-pass gradient before computing the "
             "perturbation, so every rank uses the same one. Default False: each rank perturbs from its own "
-            "micro-batch gradient (m-sharpness, as google-research/sam). DeepSpeed ZeRO-3 always syncs."
+            "micro-batch gradient (m-sharpness, as google-research/sam). DeepSpeed ZeRO-3 and FSDP2 always sync "
+            "(sharded weights)."
         },
     )
 

@@ -89,6 +89,11 @@ class MergeMonitorCallback(TrainerCallback):
         unknown = [m for m in methods if m not in registry.method_names()]
         if unknown:
             raise ValueError(f"unknown merge method(s) {unknown}; choose among {registry.method_names()}")
+        reads_data = [m for m in methods if registry.get_method(m).needs_data]
+        if reads_data:
+            raise ValueError(f"merge method(s) {reads_data} read task data, which the monitor callback does not have; "
+                             "choose among " + str([m for m in registry.method_names()
+                                                    if not registry.get_method(m).needs_data]))
         method_params = dict(method_params or {})
         extra = [m for m in method_params if m not in methods]
         if extra:

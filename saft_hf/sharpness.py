@@ -10,6 +10,12 @@ T = |w| + eta (True) or T = 1 (False); see `adaptive_scale_mask` for the two con
 
 `perturbation_` writes e into the gradient tensors in place (they are the caller's scratch), so the
 only extra memory for a SAM step is the backup made by `perturb_`.
+
+Sharded tensors (FSDP2). Every function here also takes `torch.distributed.tensor.DTensor`s (FSDP2's
+sharded parameters and gradient shards): element-wise work runs on each rank's local shard, and every
+cross-tensor reduction (`global_norm`, `global_dot`, `global_max_abs`) reduces its per-rank partial
+result over the mesh dimensions the tensors are sharded on, in one place (`_reduce_over_shards`), so
+the result equals the one on the unsharded tensors. Plain tensors are reduced locally, unchanged.
 """
 
 from __future__ import annotations
@@ -66,7 +72,8 @@ def _chunks(indices: Sequence[int], tensors: Sequence[torch.Tensor], max_numel: 
 def _multiply_by_scale_(
     params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], scaled: Sequence[bool], eta: float
 ) -> None:
-    """grads[i] *= |params[i]| + eta for every scaled tensor, with bounded scratch memory."""
+    """grads[i] *= |params[i]| + eta for every scaled tensor, with bounded scratch memory (per local shard)."""
+    params, grads = local_tensors(params), local_tensors(grads)
     indices = [i for i, s in enumerate(scaled) if s]
     for group in _chunks(indices, params, _SCRATCH_NUMEL):
         weights = [params[i].detach() for i in group]
@@ -77,14 +84,125 @@ def _multiply_by_scale_(
         del scale
 
 
+# ---------------------------------------------------------------------- sharded tensors (FSDP2)
+def _dtensor_class():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return None
+    return DTensor
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """True for a `DTensor` (an FSDP2 parameter or gradient shard)."""
+    cls = _dtensor_class()
+    return cls is not None and isinstance(tensor, cls)
+
+
+def local_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each rank's local shard of every DTensor (a view: in-place edits reach the DTensor); plain tensors as is."""
+    return [t.to_local() if is_sharded(t) else t for t in tensors]
+
+
+def _shard_key(tensor: torch.Tensor):
+    """(mesh, the mesh dims `tensor` is sharded on), or None for a plain / fully replicated tensor."""
+    if not is_sharded(tensor):
+        return None
+    dims = []
+    for dim, placement in enumerate(tensor.placements):
+        if placement.is_partial():
+            raise ValueError(
+                "A cross-tensor reduction got a DTensor with a Partial placement (a pending sum over ranks); "
+                "redistribute it to Shard/Replicate first."
+            )
+        if placement.is_shard():
+            dims.append(dim)
+    return (tensor.device_mesh, tuple(dims)) if dims else None
+
+
+def _reduce_over_shards(partials: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], op: str) -> torch.Tensor:
+    """Combine per-tensor partial results (`op` "sum" or "max") into the result over the unsharded tensors.
+
+    `partials[i]` is tensor i's result on this rank's local shard (a 0-d tensor). Partials of plain tensors
+    are combined locally; partials of DTensors are combined per (mesh, sharded dims) and all-reduced over
+    each sharded mesh dimension (Replicate dims hold identical data and are not reduced).
+    The single place where sharded reductions communicate.
+    """
+    combine = torch.sum if op == "sum" else torch.amax
+    groups: dict = {}
+    for partial, tensor in zip(partials, tensors):
+        groups.setdefault(_shard_key(tensor), []).append(partial)
+    results = []
+    for key, values in groups.items():
+        value = combine(torch.stack(values))
+        if key is not None:
+            import torch.distributed as dist
+
+            mesh, dims = key
+            reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
+            for dim in dims:
+                dist.all_reduce(value, op=reduce_op, group=mesh.get_group(dim))
+        results.append(value)
+    return combine(torch.stack(results)) if len(results) > 1 else results[0]
+
+
+def shard_like(full: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """`full` (a tensor of `reference`'s global shape, identical on every rank, e.g. noise drawn from a shared
+    seed) laid out like `reference`: a DTensor holding this rank's slice when `reference` is sharded, else `full`.
+    No communication."""
+    if not is_sharded(reference):
+        return full
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if tuple(full.shape) != tuple(reference.shape):
+        raise ValueError(f"shard_like needs the global shape {tuple(reference.shape)}, got {tuple(full.shape)}.")
+    local_shape, offset = compute_local_shape_and_global_offset(
+        reference.shape, reference.device_mesh, reference.placements
+    )
+    index = tuple(slice(start, start + size) for start, size in zip(offset, local_shape))
+    local = full[index].to(device=reference.to_local().device).contiguous()
+    return DTensor.from_local(
+        local, reference.device_mesh, reference.placements, run_check=False, shape=reference.shape,
+        stride=reference.stride(),
+    )
+
+
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of the concatenation of `tensors`, computed in float32 or wider."""
+    """L2 norm of the concatenation of `tensors`, computed in float32 or wider (over the shards for DTensors)."""
     if not tensors:
         return torch.zeros(())
     dtype = torch.promote_types(tensors[0].dtype, torch.float32)
     # accumulate half-precision tensors in float32 (bf16 per-tensor norms would keep ~3 digits)
-    norms = torch._foreach_norm(list(tensors), 2.0, dtype=dtype)
-    return torch.linalg.vector_norm(torch.stack(norms), 2.0)
+    if not any(is_sharded(t) for t in tensors):
+        norms = torch._foreach_norm(list(tensors), 2.0, dtype=dtype)
+        return torch.linalg.vector_norm(torch.stack(norms), 2.0)
+    norms = torch._foreach_norm(local_tensors(tensors), 2.0, dtype=dtype)
+    return torch.sqrt(_reduce_over_shards([n * n for n in norms], tensors, "sum"))
+
+
+def global_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """<a, b> over the concatenation of the tensors, in float32 or wider (over the shards for DTensors)."""
+    if len(a) != len(b):
+        raise ValueError(f"global_dot needs aligned lists, got {len(a)} and {len(b)} tensors.")
+    if not a:
+        return torch.zeros(())
+    dtype = torch.promote_types(a[0].dtype, torch.float32)
+    partials = [
+        torch.sum(x.to(dtype) * y.to(dtype)) for x, y in zip(local_tensors(a), local_tensors(b))
+    ]
+    return _reduce_over_shards(partials, a, "sum")
+
+
+def global_max_abs(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """max |x| over all entries of `tensors` (over the shards for DTensors); inf/nan propagate."""
+    if not tensors:
+        return torch.zeros(())
+    local = local_tensors(tensors)
+    filled = [t for t in local if t.numel()]  # the inf-norm of an empty shard is undefined: it counts as 0
+    maxima = iter(torch._foreach_norm(filled, float("inf")) if filled else [])
+    zero = torch.zeros((), dtype=local[0].dtype, device=local[0].device)
+    return _reduce_over_shards([next(maxima) if t.numel() else zero for t in local], tensors, "max")
 
 
 def _rescale_for_norm_(grads: list[torch.Tensor]) -> float:
@@ -93,12 +211,12 @@ def _rescale_for_norm_(grads: list[torch.Tensor]) -> float:
     Used when the squares in ||g|| overflow although every entry is finite (e.g. a large fp16
     loss scale): e does not depend on the scale of g. Returns inf/nan if an entry is not finite.
     """
-    largest = max(float(m) for m in torch._foreach_norm(grads, float("inf")))
+    largest = float(global_max_abs(grads))
     if not math.isfinite(largest):
         return largest
     if largest == 0.0:
         return 1.0
-    torch._foreach_mul_(grads, 1.0 / largest)
+    torch._foreach_mul_(local_tensors(grads), 1.0 / largest)
     return largest
 
 
@@ -145,7 +263,7 @@ def perturbation_(
     if adaptive:
         _multiply_by_scale_(params, grads, scaled, eta)  # T g -> T T g
     factor = rho / (grad_norm.item() + EPSILON) * divisor
-    torch._foreach_mul_(grads, factor)
+    torch._foreach_mul_(local_tensors(grads), factor)
     return PerturbationResult(applied=True, grad_norm=grad_norm, perturbation_norm=global_norm(grads))
 
 
@@ -157,13 +275,17 @@ def perturb_(
 
     Works in chunks of at most `_SCRATCH_NUMEL` elements. With `release=True` the entries of the
     `perturbation` list are set to None as they are consumed, so e and the backups never both
-    exist in full: the peak is one copy of the parameters plus one chunk.
+    exist in full: the peak is one copy of the parameters plus one chunk. For DTensors (FSDP2) only the
+    local shards are touched and the backups are local tensors.
     """
     backups: list[torch.Tensor] = []
+    params = local_tensors([p.detach() for p in params])
     for group in _chunks(range(len(params)), params, _SCRATCH_NUMEL):
-        weights = [params[i].detach() for i in group]
+        weights = [params[i] for i in group]
         backups.extend(torch._foreach_mul(weights, 1.0))  # a fused clone
-        torch._foreach_add_(weights, [perturbation[i].to(w.dtype) for i, w in zip(group, weights)])
+        increments = local_tensors([perturbation[i] for i in group])
+        torch._foreach_add_(weights, [e.to(w.dtype) for e, w in zip(increments, weights)])
+        del increments
         if release:
             for i in group:
                 perturbation[i] = None
@@ -174,7 +296,7 @@ def perturb_(
 def restore_(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor]) -> None:
     """Copy the backups back in place (never by subtracting e, which drifts in low precision)."""
     if params:
-        torch._foreach_copy_([p.detach() for p in params], list(backups))
+        torch._foreach_copy_(local_tensors([p.detach() for p in params]), list(backups))
 
 
 def reference_perturbation(

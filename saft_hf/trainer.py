@@ -4,7 +4,9 @@ The two-pass update happens per micro-batch inside `training_step` (see
 the README's trainer section for why there and what is supported):
 
 1. first pass at w: loss + `torch.autograd.grad` (never touches `.grad`, DDP buckets or
-   DeepSpeed partitions); under DDP inside `no_sync`, under DeepSpeed through `engine.module`;
+   DeepSpeed partitions); under DDP inside `no_sync`, under DeepSpeed through `engine.module`,
+   under FSDP2 an ordinary backward whose FSDP reduce-scatter lands in emptied `.grad` slots
+   (each rank's shard of the mean gradient; the real gradients stashed and put back, saft_hf/fsdp2.py);
 2. e = the perturbation of the `sam_variant` strategy (saft_hf.sam_variants; the maths is in
    saft_hf.sharpness), computed in place in the fresh gradients; back up the perturbed tensors and
    add e in place;
@@ -32,7 +34,7 @@ from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_pt_utils import nested_gather
 from transformers.training_args import OptimizerNames
 
-from . import sam_variants, sharpness
+from . import fsdp2, sam_variants, sharpness
 from .args import SAFTSeq2SeqTrainingArguments, SAFTTrainingArguments, validate_sharpness_arguments
 from .io_utils import write_text_atomic
 
@@ -129,12 +131,13 @@ class SAFTTrainerMixin:
                 f"{type(self.model).__name__} has requires_grad=False. Unfreeze the parameters to train "
                 "(or apply LoRA / another adapter), or set sam_rho=0."
             )
-        if self.is_fsdp_enabled:
+        if self.is_fsdp_enabled and self._fsdp_version != 2:
             raise NotImplementedError(
-                "SAM/ASAM with FSDP is not implemented in SAFTTrainer: FSDP keeps the weights sharded outside "
-                "forward and reduces gradients in its own backward hooks, so the first-pass gradient and the "
-                "in-place perturbation/restore would need FSDP-specific gathering (not written or tested). "
-                "Use DDP or DeepSpeed ZeRO-1/2/3 (supported, incl. sharded weights with ZeRO-3), or set sam_rho=0."
+                f"SAM/ASAM with FSDP1 (fsdp_version={self._fsdp_version}) is not supported in SAFTTrainer: FSDP1 "
+                "flattens the parameters into FlatParameters and reduces gradients in its own hooks, which the "
+                "first pass and the in-place perturbation/restore would need separate code for. Use FSDP2 "
+                "(fsdp_config={'version': 2}, or fsdp_version: 2 in the accelerate config; supported), DDP or "
+                "DeepSpeed ZeRO-1/2/3, or set sam_rho=0."
             )
         optim_name = str(getattr(args.optim, "value", args.optim))
         if args.optim in (OptimizerNames.LOMO, OptimizerNames.ADALOMO) or "layerwise" in optim_name:
@@ -180,10 +183,28 @@ class SAFTTrainerMixin:
                 "DeepSpeed ZeRO-3 shards the parameters, so all ranks must share one perturbation: the first-pass "
                 "gradient is all-reduced (as with sam_sync_perturbation=True)."
             )
+        if self._fsdp2_enabled and not args.sam_sync_perturbation:
+            logger.info(
+                "FSDP2 shards the parameters, so all ranks must share one perturbation: the first-pass gradient is "
+                "reduce-scattered (mean over ranks) and each rank perturbs its shard (as with "
+                "sam_sync_perturbation=True)."
+            )
+
+    @property
+    def _fsdp_version(self) -> int:
+        if not self.is_fsdp_enabled:
+            return 0
+        return int(getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) or 1)
+
+    @property
+    def _fsdp2_enabled(self) -> bool:
+        return self._fsdp_version == 2
 
     def _sam_training_setup(self) -> sam_variants.TrainingSetup:
         args = self.args
         distributed = "deepspeed" if self.is_deepspeed_enabled else ("ddp" if args.world_size > 1 else "no")
+        if self._fsdp2_enabled:
+            distributed = "fsdp2"
         model = self.model
         return sam_variants.TrainingSetup(
             zero_stage=self._zero_stage,
@@ -210,6 +231,8 @@ class SAFTTrainerMixin:
         inputs = self._prepare_inputs(inputs)
 
         strategy = self.sam_strategy
+        if self._fsdp2_enabled:
+            fsdp2.reshard(model)  # named_parameters() must be the sharded DTensors
         first_pass_model = self._sam_first_pass_model(model)
         step = self._sam_step(first_pass_model, inputs)
         loss = grads = bn_snapshot = None
@@ -242,6 +265,8 @@ class SAFTTrainerMixin:
             if backups is not None:
                 with self._sam_gathered(params, zero3):
                     sharpness.restore_(params, backups)
+                if self._fsdp2_enabled:
+                    fsdp2.reshard(model)  # drop any unsharded copy that still holds w + e
             if bn_snapshot is not None:
                 _restore_batchnorm(bn_snapshot)
         step.second_pass_loss = perturbed_loss.detach()
@@ -308,18 +333,24 @@ class SAFTTrainerMixin:
                 "SAM's first pass found no trainable parameter (all have requires_grad=False): unfreeze the "
                 "parameters to train, or set sam_rho=0."
             )
-        no_sync = (
-            model.no_sync
-            if isinstance(model, nn.parallel.DistributedDataParallel)
-            else contextlib.nullcontext
-        )
-        with no_sync():
+        # FSDP2: FSDP's own reduce-scatter into emptied .grad slots, real gradients stashed (saft_hf/fsdp2.py)
+        fsdp_pass = fsdp2.FirstPass(model, params) if self._fsdp2_enabled else None
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            isolation = model.no_sync()
+        elif fsdp_pass is not None:
+            isolation = fsdp_pass
+        else:
+            isolation = contextlib.nullcontext()
+        with isolation:
             with self.compute_loss_context_manager():
                 loss = self.compute_loss(first_pass_model, dict(inputs), num_items_in_batch=num_items_in_batch)
             if self.args.n_gpu > 1:
                 loss = loss.mean()
             try:
-                grads = torch.autograd.grad(self._scale_for_grad(loss), params, allow_unused=True)
+                if fsdp_pass is not None:
+                    grads = fsdp_pass.backward(self._scale_for_grad(loss))
+                else:
+                    grads = torch.autograd.grad(self._scale_for_grad(loss), params, allow_unused=True)
             except RuntimeError as err:
                 if "heckpoint" in str(err):
                     raise RuntimeError(
@@ -331,7 +362,9 @@ class SAFTTrainerMixin:
         if self.is_deepspeed_enabled and self._zero_stage == 3:
             self._deepspeed_engine().empty_partition_cache()
         grads = list(grads)
-        if self._sam_sync_gradients():
+        if self._fsdp2_enabled:  # already this rank's shard of the mean gradient (FSDP's reduce-scatter)
+            fsdp2.reshard(model)
+        elif self._sam_sync_gradients():
             grads = self._all_reduce_mean(params, grads)
         return loss, grads
 
@@ -352,11 +385,13 @@ class SAFTTrainerMixin:
 
     def _sam_sync_gradients(self) -> bool:
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        return distributed and (self.args.sam_sync_perturbation or self._zero_stage == 3)
+        return distributed and (self.args.sam_sync_perturbation or self._zero_stage == 3 or self._fsdp2_enabled)
 
     @staticmethod
     def _all_reduce_mean(params, grads) -> list[torch.Tensor]:
         """Mean of the first-pass gradient over ranks (None -> zeros so every rank sends the same list)."""
+        if any(sharpness.is_sharded(g) for g in grads if g is not None):  # FSDP2 shards: see fsdp2.py
+            return fsdp2.mean_over_replicas_(grads)
         filled = []
         for p, g in zip(params, grads):
             if g is None:

@@ -228,6 +228,8 @@ def test_attach_and_errors(tmp_path, others):
         MergeMonitorCallback(others, ev, -1, pretrained=theta0)
     with pytest.raises(ValueError, match="unknown merge method"):
         MergeMonitorCallback(others, ev, 1, methods=("dare",), pretrained=theta0)
+    with pytest.raises(ValueError, match="read task data"):
+        MergeMonitorCallback(others, ev, 1, methods=("regmean",), pretrained=theta0)
     with pytest.raises(ValueError, match="method_params given for"):
         MergeMonitorCallback(others, ev, 1, pretrained=theta0, method_params={"ties": {}})
     with pytest.raises(FileNotFoundError, match="does not exist"):

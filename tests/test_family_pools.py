@@ -88,7 +88,8 @@ def test_driver_searches_on_validation_and_normalizes_by_the_individual_scores()
     from saft_hf.evaluation.study import default_study_methods, run_merge_study
 
     pool = InMemoryModelPool({"w": torch.tensor(0.0)}, {"a": {"w": torch.tensor(0.5)}, "b": {"w": torch.tensor(1.0)}})
-    methods = default_study_methods(ta_grid=(0.1, 0.5, 1.0), fixed_alpha=0.4, ties_grid=None)
+    methods = default_study_methods(["weighted_average", "task_arithmetic"],
+                                    grids={"task_arithmetic": {"scaling": (0.1, 0.5, 1.0)}}, fixed_coefficient=0.4)
     assert [m.name for m in methods] == ["weighted_average", "task_arithmetic", "task_arithmetic_fixed"]
     result = run_merge_study(pool, _ToyPool(), methods, individual="evaluate", progress=False)
     assert result["individual"]["absolute"] == {"a": 1.0, "b": 1.0}
@@ -245,7 +246,7 @@ def test_vision_merge_study_through_the_driver(vision_runs, tmp_path):
                                     "task_arithmetic", "ties", "task_arithmetic (alpha=0.4)"]
     assert report["methods"]["ties"]["params"]["density"] in (0.2, 0.5)
     assert len(report["methods"]["ties"]["search"]["points"]) == 2
-    assert report["methods"]["weighted_average"]["params"] == {"weights": "uniform"}
+    assert report["methods"]["weighted_average"]["params"] == {"normalize": True}  # uniform weights (the default)
     assert report["rows"]["fine-tuned (individual)"]["absolute"] == {"eurosat": 0.5, "dtd": 0.5}  # recorded
     assert (tmp_path / "study" / "merge_study.md").exists() and (tmp_path / "study" / "results.png").exists()
 

@@ -138,19 +138,48 @@ def test_toy_method_in_demo_method_list(toy):
     from saft_hf.demo import report, study
 
     assert "toy_mean" in study.MERGES
-    row = next(r for r in study.merge_rows(study.StudyConfig()) if r.key == "toy_mean")
-    assert row.search and row.label == "toy mean (g searched)" and row.short_label == "toy"
+    row = next(m for m in study.study_methods(study.StudyConfig()) if m.name == "toy_mean")
+    assert row.grid == {"gain": [0.5, 1.0, 2.0]} and row.label == "toy mean (g searched)" and row.short_label == "toy"
     assert report._labels("toy_mean")["plot"] == "toy mean\n(g searched)"
     # the built-in rows keep their order and labels (the demo's table must not change)
-    keys = [r.key for r in study.merge_rows(study.StudyConfig())]
+    keys = [m.name for m in study.study_methods(study.StudyConfig())]
     assert keys[:4] == ["weighted_average", "task_arithmetic", "task_arithmetic_fixed", "ties"]
+
+
+def test_toy_method_runs_in_the_study_driver(toy):
+    """The shared study driver (demo, vision, GLUE) searches and merges the toy method like a built-in."""
+    from saft_hf.evaluation.study import default_study_methods, run_merge_study, search_scores
+    from saft_hf.pools import InMemoryModelPool, TaskInfo, TaskPool
+
+    class Pool(TaskPool):  # score of each task: 1 - |w - 0.75|
+        family = "toy"
+        tasks = ["a", "b"]
+
+        def task_info(self, task):
+            return TaskInfo(task, "toy")
+
+        def evaluate(self, model, split="validation", tasks=None, max_examples=None):
+            return {t: 1.0 - abs(float(model["w"]) - 0.75) for t in self.check_tasks(tasks)}
+
+        def unlabeled_inputs(self, task, split="validation", max_examples=None):
+            yield {}
+
+    methods = default_study_methods()
+    assert [m.name for m in methods][-1] == "toy_mean"
+    pool = InMemoryModelPool({"w": torch.tensor(0.0)}, {"a": {"w": torch.tensor(0.5)}, "b": {"w": torch.tensor(1.0)}})
+    result = run_merge_study(pool, Pool(), [m for m in methods if m.name == "toy_mean"], individual="evaluate",
+                             zero_shot=False, progress=False)
+    row = result["methods"]["toy_mean"]  # mean delta 0.75 x gain: gain 1.0 is exact
+    assert row["params"] == {"gain": 1.0} and row["coefficient"] == 1.0 and row["absolute"] == {"a": 1.0, "b": 1.0}
+    assert search_scores(row) == {0.5: 0.625, 1.0: 1.0, 2.0: 0.25}
+    assert row["merge_config"] == {"method": "toy_mean", "params": {"gain": 1.0}, "transforms": []}
 
 
 def test_demo_rows_without_toy_are_the_papers():
     from saft_hf.demo import study
 
-    rows = study.merge_rows(study.StudyConfig(fixed_alpha=0.3))
-    assert [(r.key, r.search, r.fixed) for r in rows] == [
+    rows = study.study_methods(study.StudyConfig(fixed_alpha=0.3))
+    assert [(r.name, r.grid is not None, dict(r.params)) for r in rows] == [
         ("weighted_average", False, {}), ("task_arithmetic", True, {}),
         ("task_arithmetic_fixed", False, {"scaling": 0.3}), ("ties", True, {})]
     assert [r.label for r in rows] == ["weighted average", "task arithmetic (alpha searched)",
@@ -316,12 +345,13 @@ def test_report_and_card_list_params_from_registry(files, capsys):
                                                transforms=[{"name": "dare", "drop_rate": 0.2, "seed": 1}]), capsys)
     assert code == 0, err
     report = json.loads((out / "merge_report.json").read_text())
-    assert report["params"] == {"scaling": 0.5, "density": 0.2, "trim_scope": "global", "sign_method": "sum",
-                                "disjoint": "mean", "zero_sign": "majority"}
-    assert report["transforms"] == [{"name": "dare", "drop_rate": 0.2, "seed": 1, "rescale": True}]
+    assert report["params"] == {"scaling": 0.5, "density": 0.2, "trim_scope": "global", "trim_count": "kthvalue",
+                                "trim_rescale": "none", "weighting": "mergekit", "sign_method": "sum", "disjoint": "mean",
+                                "zero_sign": "majority"}
+    assert report["transforms"] == [{"name": "dare", "drop_rate": 0.2, "seed": 1, "rescale": True, "min_norm": 0.0}]
     card = (out / "README.md").read_text()
     assert "`scaling`: `0.5` - lambda" in card and "`density`: `0.2` (default)" in card
-    assert "Transform before merging: `dare` (drop_rate=0.2, seed=1, rescale=True)" in card
+    assert "Transform before merging: `dare` (drop_rate=0.2, seed=1, rescale=True, min_norm=0.0)" in card
 
 
 def test_row_blocks_unless_whole_tensors(monkeypatch):

@@ -32,6 +32,7 @@ def test_readme_example_runs(tmp_path, monkeypatch):
         ("multi_gpu_ddp.yaml", "MULTI_GPU"),
         ("deepspeed_zero2.yaml", "DEEPSPEED"),
         ("deepspeed_zero3.yaml", "DEEPSPEED"),
+        ("fsdp2.yaml", "FSDP"),
     ],
 )
 def test_accelerate_configs_load(name, distributed_type):
@@ -43,3 +44,11 @@ def test_accelerate_configs_load(name, distributed_type):
         ds_file = ROOT / config.deepspeed_config["deepspeed_config_file"]
         ds = json.loads(ds_file.read_text())
         assert ds["zero_optimization"]["stage"] == 3 and ds["zero_allow_untested_optimizer"]
+
+
+@pytest.mark.parametrize("recipe", ["accelerate_configs", "clip_vision/accelerate", "flan_t5_glue/accelerate"])
+def test_fsdp2_configs_select_fsdp2(recipe):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "recipes" / recipe / "fsdp2.yaml"))
+    assert str(config.distributed_type).endswith("FSDP") and config.fsdp_config["fsdp_version"] == 2

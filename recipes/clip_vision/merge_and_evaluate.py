@@ -16,6 +16,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
+from saft_hf.merging import registry
 from saft_hf.recipe_args import parse_recipe_args
 from saft_hf.vision.merge_study import METHODS, run_merge_study
 
@@ -26,9 +27,11 @@ class MergeStudyArguments:
     runs: list[str] = field(default_factory=list,
                             metadata={"help": "fine-tuning output directories, one per task (also positional)"})
     pretrained: str = field(default=None, metadata={"help": "base CLIP (default: base_model recorded by the runs)"})
-    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"choices": list(METHODS)})
+    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={
+        "choices": registry.search_names(), "help": "merge methods (default: the registry's study methods)"})
     fixed_scaling: float = field(default=0.4, metadata={
-        "help": "also report task arithmetic at this alpha (paper table 6 uses 0.4); negative to skip"})
+        "help": "also report each fixed-coefficient ablation at this coefficient "
+                "(paper table 6 uses 0.4); negative to skip"})
     data: list[str] = field(default_factory=list, metadata={"help": "local datasets per task, TASK=PATH"})
     search_max_samples: int = field(default=None, metadata={
         "help": "validation examples per task used by the coefficient search (default: all, <= 5000)"})

@@ -7,8 +7,8 @@
 Each run dir (full model or LoRA adapter) must hold glue_scores.json / finetuned_scores.json (written
 by finetune.py): grid points are ranked by mean normalized validation score. Writes the merged model
 at the best point of `--method` (HF model dir, model card, merge config) and search.json.
-With `--study`: every study method (weighted average, task arithmetic searched and at alpha 0.4,
-TIES searched) through the shared study driver, reported in OUTPUT/results.{json,md,png}.
+With `--study`: every study method of the merge-method registry (searched, plus the fixed-coefficient
+ablations at alpha 0.4) through the shared study driver, reported in OUTPUT/results.{json,md,png}.
 Options may also come from `--config FILE.yaml` (the command line overrides it; unknown keys are
 rejected). Logic: saft_hf.glue.search.
 """
@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from saft_hf.glue.search import run_glue_merge_study, search_glue_merge
+from saft_hf.merging import registry
+from saft_hf.merging.search import default_grid
 from saft_hf.pools import read_finetuned_scores
 from saft_hf.recipe_args import parse_recipe_args
 from saft_hf.tasks.glue import GLUE_HUB_DATASET, GLUE_TASKS, PAPER_TASKS, SCORE_KINDS
 
-METHODS = ["task_arithmetic", "ties", "dare_task_arithmetic", "dare_ties"]
+METHODS = registry.search_names()  # every registered method and search alias (e.g. a method with DARE in front)
 
 
 @dataclass
@@ -67,8 +69,9 @@ def main(argv=None) -> int:
                           for name, row in result["methods"].items()}))
         return 0
     scores = {t: read_finetuned_scores(root / t, t).score("validation") for t in args.tasks}
+    searched = default_grid(args.method)  # the grid flags apply to the parameters this method searches
     grid = {k: v for k, v in (("scaling", args.alphas), ("density", args.densities), ("drop_rate", args.drop_rates))
-            if v is not None and (k != "density" or "ties" in args.method) and (k != "drop_rate" or "dare" in args.method)}
+            if v is not None and k in searched}
     result = search_glue_merge(args.pretrained, finetuned, args.output, method=args.method, grid=grid or None,
                                finetuned_scores=scores, data_paths=data_paths, max_samples=args.max_samples,
                                overwrite=args.overwrite, device=args.device, **common)

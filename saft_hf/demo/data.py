@@ -8,6 +8,7 @@ from pathlib import Path
 
 from saft_hf.demo import parsers
 from saft_hf.demo.parsers import Example
+from saft_hf.tasks import text_demo
 from saft_hf.tasks.text_demo import TextTask
 
 DATA_SEED = 0  # splits never depend on the training seed (paper: validation split with seed 0)
@@ -24,7 +25,40 @@ def read_task(task: TextTask, source_dir: Path) -> dict[str, list[Example]]:
         return {split: parsers.parse_arff_text_class(
             (source_dir / Path(task.member.format(split=split)).name).read_bytes(), task.raw_labels)
             for split in ("train", "test")}
+    if task.source == "stdlib_sotu":
+        speeches = parsers.parse_sotu_records(_iter_json_members(source_dir / "sotu.tgz"))
+        return sotu_era_splits(speeches)
+    if task.source == "stdlib_first_names":
+        return {"all": parsers.parse_first_names((source_dir / "female-first-names-en.txt").read_bytes(),
+                                                 (source_dir / "male-first-names-en.txt").read_bytes())}
     raise ValueError(f"task {task.name!r} names unknown source {task.source!r}")
+
+
+def sotu_era_splits(speeches: list[dict], test_fraction: float = 0.2, seed: int = DATA_SEED) -> dict[str, list[Example]]:
+    """Sentences of State of the Union addresses labelled by era (`text_demo.sotu_era_label`).
+
+    The test split holds whole addresses (a fixed-seed `test_fraction` of them, drawn within each
+    era so both keep their share), so no test sentence shares an address with a training sentence.
+    From each address at most `SOTU_SENTENCES_PER_SPEECH` sentences of at least `SOTU_MIN_WORDS`
+    words are kept (fixed-seed sample), so long addresses do not dominate."""
+    if not speeches:
+        raise ValueError("no State of the Union addresses to split (is the npm package's data/ folder empty?)")
+    rng = random.Random(seed)
+    by_era: dict[int, list[dict]] = {}
+    for speech in speeches:
+        by_era.setdefault(text_demo.sotu_era_label(speech["year"]), []).append(speech)
+    out: dict[str, list[Example]] = {"train": [], "test": []}
+    for label in sorted(by_era):
+        group = list(by_era[label])
+        rng.shuffle(group)
+        n_test = int(round(test_fraction * len(group)))
+        for i, speech in enumerate(group):
+            sentences = [s for s in parsers.split_sentences(speech["text"])
+                         if len(s.split()) >= text_demo.SOTU_MIN_WORDS]
+            rng.shuffle(sentences)
+            split = "test" if i < n_test else "train"
+            out[split] += [(s, label) for s in sentences[: text_demo.SOTU_SENTENCES_PER_SPEECH]]
+    return out
 
 
 def _iter_json_members(archive: Path):

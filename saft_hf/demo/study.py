@@ -36,7 +36,12 @@ from saft_hf.pools import InMemoryModelPool
 from saft_hf.tasks.text_demo import DEFAULT_TASKS, TextTask, get_task
 
 METHODS = {"adamw": 0.0, "asam": None}  # sam_rho per method; None = the config's asam_rho
-MERGES = ("weighted_average", "task_arithmetic", "task_arithmetic_fixed", "ties")  # = study_methods(cfg) names
+
+
+def __getattr__(name: str):
+    if name == "MERGES":  # the merge rows' names, read from the registry on each access (methods may be registered later)
+        return tuple(m.name for m in study_methods(StudyConfig()))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -57,10 +62,14 @@ class StudyConfig:
     max_train: int | None = None  # cap of the training pool per task (None = all)
     max_test: int | None = 400
     search_val_size: int = 128  # validation examples per task for the merge coefficient search
-    ta_grid: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
-    fixed_alpha: float = 0.4
-    ties_grid: Sequence[float] = (0.3, 0.5, 0.7, 0.9, 1.0)
-    ties_density: float = 0.2
+    # The demo's own (smaller) search grids. Each legacy field is one (method, parameter) grid of
+    # the registry (`grid_of` below); `grids` sets any other: {method: {param: values}}.
+    ta_grid: Sequence[float] = field(default=(0.1, 0.3, 0.5, 0.7, 0.9, 1.0),
+                                     metadata={"grid_of": ("task_arithmetic", "scaling")})
+    fixed_alpha: float = 0.4  # the linear coefficient of every fixed-coefficient ablation row (paper table 6)
+    ties_grid: Sequence[float] = field(default=(0.3, 0.5, 0.7, 0.9, 1.0), metadata={"grid_of": ("ties", "scaling")})
+    ties_density: float | Sequence[float] = field(default=0.2, metadata={"grid_of": ("ties", "density")})
+    grids: dict | None = None  # {method: {param: values}}, on top of (and overriding) the fields above
     eval_batch_size: int = 128
     test_fraction: float = 0.2
     cache_dir: str | None = None
@@ -70,6 +79,19 @@ class StudyConfig:
     min_tasks: int = 2
     # Injected by tests: name -> (TextTask, {"all"| "train"/"test": [(text, label)]}), bypassing fetch.
     task_data_override: dict | None = field(default=None, repr=False)
+
+    def grid_overrides(self) -> dict[str, dict]:
+        """{method: {param: values}}: the legacy grid fields (ta_grid, ties_grid, ties_density),
+        then `grids`; methods not named keep the registry's search grid."""
+        out: dict[str, dict] = {}
+        for f in dataclasses.fields(self):
+            if "grid_of" in f.metadata:
+                method, param = f.metadata["grid_of"]
+                value = getattr(self, f.name)
+                out.setdefault(method, {})[param] = list(value) if isinstance(value, (list, tuple)) else [value]
+        for method, grid in (self.grids or {}).items():
+            out.setdefault(method, {}).update({k: list(v) for k, v in grid.items()})
+        return out
 
     def finetune_signature(self, model_id: str, logit_scale: float) -> dict:
         """Everything a fine-tuned checkpoint depends on (its cache key)."""
@@ -229,7 +251,7 @@ def finetune_one(cfg: StudyConfig, model_path: str, head: ZeroShotHead, td: Task
             lr_scheduler_type="cosine", max_grad_norm=1.0, seed=seed, data_seed=seed, save_strategy="no",
             logging_steps=max(1, cfg.train_steps // 5), report_to="none", use_cpu=True,
             dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
-            sam_rho=rho, sam_adaptive=True)
+            sam_rho=rho, sam_variant="asam")
         trainer = SAFTTrainer(model=model, args=args, train_dataset=demo_model.TrainDataset(td.tokenized["train"]),
                               data_collator=demo_model.PadCollator(pad_id))
         start = time.perf_counter()
@@ -297,21 +319,23 @@ def finetune_all(cfg, model_path, heads, tasks, pad_id, cache_dir, signature) ->
 
 
 def study_methods(cfg: StudyConfig):
-    """The merges the demo runs (order = table order), from the shared study driver's method table."""
+    """The merges the demo runs (order = table order): every study method of the merge-method
+    registry (searched on validation with the demo's grids, `cfg.grid_overrides()`) and each
+    fixed-coefficient ablation at `cfg.fixed_alpha`, through the shared study driver."""
     from saft_hf.evaluation.study import default_study_methods
 
-    return default_study_methods(ta_grid=cfg.ta_grid, fixed_alpha=cfg.fixed_alpha, ties_grid=cfg.ties_grid,
-                                 ties_density=cfg.ties_density)
+    return default_study_methods(grids=cfg.grid_overrides(), fixed_coefficient=cfg.fixed_alpha)
 
 
 def _demo_row(row: dict) -> dict:
-    """A driver result row in the demo's results.json layout (unchanged since the first release)."""
+    """A driver result row in the demo's results.json layout (unchanged since the first release):
+    the coefficient, the searched parameters other than the linear one, the validation search."""
     from saft_hf.evaluation.study import search_scores
 
     out = {k: row[k] for k in ("tasks", "absolute", "absolute_mean", "normalized", "normalized_mean")}
     out["coefficient"] = row["coefficient"]
-    if row["merge"] == "ties":
-        out["density"] = row["params"]["density"]
+    if row["search"] is not None:
+        out.update({k: v for k, v in row["params"].items() if k != row["linear_param"]})
     scores = search_scores(row)
     if scores is not None:
         out["validation_search"] = scores

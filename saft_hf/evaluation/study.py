@@ -9,81 +9,149 @@ split, reported absolute and normalized (merged / individually fine-tuned, per t
     result = run_merge_study(model_pool, task_pool, default_study_methods())
     write_study_report(result, "reports/x")   # results.json, results.md, results.png
 
-Which methods run is decided in ONE place, `default_study_methods` (and `_merge` for how a chosen
-point is merged), so the merge-method registry can replace both.
+Which methods run comes from the merge-method registry (`registry.study_rows`: every method with
+`in_study=True`, plus its fixed-coefficient ablation); a family only chooses grids (per method and
+parameter), the fixed coefficient and which methods, never a method name of its own. `_merge`
+merges any registered method (or search alias such as a method with DARE in front) through
+`saft_hf.merging.merge` / `merge_finetuned`.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from saft_hf.evaluation import markdown_table, summarize
 from saft_hf.pools import ModelPool, TaskPool
 
 logger = logging.getLogger(__name__)
 
-DEMO_TA_GRID = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
-
 
 @dataclass(frozen=True)
 class StudyMethod:
     """One row of a merge study.
 
-    name: result key; label: row label in tables; merge: the `saft_hf.merging` method
-    ("weighted_average" | "task_arithmetic" | "ties"); params: fixed parameters; grid: searched
-    parameters ({param: values}, the `search_coefficients` grid) or None for no search."""
+    name: result key; label / plot_label / short_label: how reports name it (from the registry);
+    merge: a registered merge method or search alias (`registry.search_names()`); params: fixed
+    parameters; grid: searched parameters ({param: values}, the `search_coefficients` grid) or
+    None for no search; ablation: the row is a method's fixed-coefficient ablation."""
 
     name: str
     label: str
     merge: str
     params: Mapping = field(default_factory=dict)
     grid: Mapping | None = None
+    plot_label: str = ""
+    short_label: str = ""
+    ablation: bool = False
 
 
-def default_study_methods(ta_grid: Sequence[float] | None = DEMO_TA_GRID, fixed_alpha: float | None = 0.4,
-                          ties_grid: Sequence[float] | None = (0.3, 0.5, 0.7, 0.9, 1.0),
-                          ties_density: float | Sequence[float] = 0.2,
-                          order: Sequence[str] = ("weighted_average", "task_arithmetic", "task_arithmetic_fixed",
-                                                  "ties")) -> list[StudyMethod]:
-    """The study's methods (today's set; to be derived from saft_hf.merging's registry).
+def _searched_label(method, grid: Mapping, default: str, base: str | None = None) -> str:
+    """`default` (the registry's "<label> (<symbol> searched)") unless parameters other than the
+    linear one take several values: then "<base> (<symbols> searched)" naming each of them."""
+    varying = [k for k, v in grid.items() if len(v) > 1]
+    if base is None and (not varying or varying == [method.linear_param]):
+        return default
+    varying.sort(key=lambda k: k != method.linear_param)  # the linear parameter first
+    names = []
+    for k in varying:
+        try:
+            names.append(method.param(k).symbol or k)
+        except KeyError:  # a transform's parameter (search alias)
+            names.append(k)
+    return f"{base or method.label} ({', '.join(names)} searched)" if names else (base or default)
 
-    Defaults are the demo's: task arithmetic searched over `ta_grid`, fixed at `fixed_alpha`, TIES
-    searched over `ties_grid` at density `ties_density` (a list searches densities too). A None
-    grid / alpha drops that method; `order` selects and orders them.
+
+def default_study_methods(methods: Sequence[str] | None = None, grids: Mapping[str, Mapping] | None = None,
+                          fixed_coefficient: float | None = None, ablations: bool = True) -> list[StudyMethod]:
+    """The study's rows, from the merge-method registry.
+
+    methods: registered methods or search aliases, in order (default: every study method,
+    `registry.method_names(study_only=True)`). grids: per-method grid overrides
+    {method: {param: values}} on top of the registry's search grid (a method with a grid, or
+    given one here, is searched on validation; otherwise merged at its defaults). Each method
+    declaring a fixed-coefficient ablation (`fixed_ablation`) gets an extra row `<method>_fixed`
+    right after it, with its linear parameter at `fixed_coefficient` (None: the declared
+    value); `ablations=False` drops those rows.
     """
-    densities = [float(d) for d in ties_density] if isinstance(ties_density, (list, tuple)) else [float(ties_density)]
-    table = {"weighted_average": StudyMethod("weighted_average", "weighted average", "weighted_average")}
-    if ta_grid is not None:
-        table["task_arithmetic"] = StudyMethod("task_arithmetic", "task arithmetic (alpha searched)",
-                                               "task_arithmetic", grid={"scaling": list(ta_grid)})
-    if fixed_alpha is not None:
-        table["task_arithmetic_fixed"] = StudyMethod("task_arithmetic_fixed", f"task arithmetic (alpha = {fixed_alpha:g})",
-                                                     "task_arithmetic", params={"scaling": fixed_alpha})
-    if ties_grid is not None:
-        label = "TIES (lambda searched)" if len(densities) == 1 else "TIES (lambda, density searched)"
-        table["ties"] = StudyMethod("ties", label, "ties", params={"density": densities[0]} if len(densities) == 1 else {},
-                                    grid={"scaling": list(ties_grid), "density": densities})
-    return [table[name] for name in order if name in table]
+    from saft_hf.merging import registry
+    from saft_hf.merging.search import default_grid
+
+    names = list(registry.method_names(study_only=True) if methods is None else methods)
+    grids = dict(grids or {})
+    unknown = [n for n in [*names, *grids] if n not in registry.search_names()]
+    if unknown:
+        raise ValueError(f"unknown merge method(s) {sorted(set(map(str, unknown)))}; "
+                         f"choose from {registry.search_names()}")
+    out = []
+    for name in names:
+        m, transforms = registry.resolve_search_name(name)
+        fixed = {}
+        if fixed_coefficient is not None and m.fixed_ablation and m.linear_param:
+            fixed = {m.name: {**m.fixed_ablation, m.linear_param: fixed_coefficient}}
+        rows = registry.study_rows([m.name], fixed_overrides=fixed)
+        main, extra = rows[0], rows[1:]
+        grid = {**default_grid(name), **{k: list(v) for k, v in grids.get(name, {}).items()}}
+        if transforms:  # a search alias: the method with transforms in front
+            base = " + ".join([m.label, *(registry.get_transform(t).label for t in transforms)])
+            label = _searched_label(m, grid, base, base=base)
+            short = " + ".join([m.short_label, *(registry.get_transform(t).label for t in transforms)])
+            out.append(StudyMethod(name, label, name, {}, grid or None, registry._plot_label(label), short))
+            continue
+        label = _searched_label(m, grid, main.label) if grid else main.label
+        plot = main.plot_label if label == main.label else registry._plot_label(label)
+        out.append(StudyMethod(name, label, name, {}, grid or None, plot, main.short_label))
+        if ablations:
+            out += [StudyMethod(r.key, r.label, r.method, dict(r.fixed), None, r.plot_label, r.short_label, True)
+                    for r in extra]
+    return out
 
 
-def _merge(method: StudyMethod, pretrained, finetuned: list, vectors: list, params: Mapping):
-    """The merged state dict of `method` at `params`, through saft_hf.merging's public functions."""
-    from saft_hf import merging
+def grids_for_params(values: Mapping[str, Sequence | None], methods: Iterable[str] | None = None) -> dict[str, dict]:
+    """Per-method grid overrides from per-parameter values ({"scaling": alphas, "density": ...}):
+    each value list goes to every study method (or each of `methods`) that searches that
+    parameter by default; None values are skipped."""
+    from saft_hf.merging import registry
+    from saft_hf.merging.search import default_grid
 
-    if method.merge == "weighted_average":
-        return merging.weighted_average(finetuned)
-    if method.merge == "task_arithmetic":
-        return merging.task_arithmetic(pretrained, vectors, params["scaling"])
-    if method.merge == "ties":
-        return merging.ties_merging(pretrained, vectors, scaling=params["scaling"], density=params["density"])
-    raise ValueError(f"study method {method.name!r}: unknown merge {method.merge!r}; "
-                     "use weighted_average, task_arithmetic or ties")
+    out = {}
+    for name in (registry.method_names(study_only=True) if methods is None else methods):
+        searched = default_grid(name)
+        own = {k: [float(x) for x in v] for k, v in values.items() if v is not None and k in searched}
+        if own:
+            out[name] = own
+    return out
 
 
-def _coefficient(method: StudyMethod, params: Mapping, n_tasks: int) -> float:
-    return 1.0 / n_tasks if method.merge == "weighted_average" else float(params["scaling"])
+def _merge_config(method: StudyMethod, search) -> dict:
+    """{method, params, transforms} to merge: the best search point, or the row's fixed params."""
+    from saft_hf.merging import registry
+
+    if search is not None:
+        return search.best_merge_config()
+    m, transforms = registry.resolve_search_name(method.merge)
+    return {"method": m.name, "params": dict(method.params), "transforms": [{"name": t} for t in transforms]}
+
+
+def _merge(config: Mapping, pretrained, finetuned: list, vectors: list):
+    """The merged state dict of a merge config ({method, params, transforms}), any registered method:
+    methods defined on the fine-tuned models alone (`needs_pretrained=False`) merge `finetuned`,
+    the others the task vectors."""
+    from saft_hf.merging import merge, merge_finetuned, registry
+
+    name, params, transforms = config["method"], dict(config["params"]), list(config.get("transforms") or []) or None
+    if not registry.get_method(name).needs_pretrained:
+        return merge_finetuned(name, None, finetuned, transforms=transforms, **params)
+    return merge(name, pretrained, vectors, transforms=transforms, **params)
+
+
+def _coefficient(config: Mapping, n_tasks: int):
+    """The registry's `coef` of the merged point (e.g. 1/T for a uniform average, alpha for task arithmetic)."""
+    from saft_hf.merging import registry
+
+    resolved = registry.validate_params(config["method"], config["params"], num_tasks=n_tasks)
+    return registry.report_coefficient(config["method"], resolved, n_tasks)
 
 
 def run_merge_study(model_pool: ModelPool, task_pool: TaskPool, methods: Sequence[StudyMethod] | None = None,
@@ -99,7 +167,7 @@ def run_merge_study(model_pool: ModelPool, task_pool: TaskPool, methods: Sequenc
     Result: {"tasks", "zero_shot"?, "individual", "methods": {name: {**summarize(test, individual),
     "label", "params", "coefficient", "search"}}} (scores are fractions).
     """
-    from saft_hf.merging import search_coefficients, task_vector
+    from saft_hf.merging import registry, search_coefficients, task_vector
 
     say = log or logger.info
     methods = list(default_study_methods() if methods is None else methods)
@@ -127,17 +195,19 @@ def run_merge_study(model_pool: ModelPool, task_pool: TaskPool, methods: Sequenc
     result["methods"] = {}
     for method in methods:
         search = None
-        params = dict(method.params)
         if method.grid:
             search = search_coefficients(theta0, vectors, search_eval, method=method.merge, grid=dict(method.grid),
-                                         finetuned_accuracy=search_reference, progress=progress)
-            params.update(search.best_params)
-        merged = _merge(method, theta0, finetuned_list, vectors, params)
+                                         params=dict(method.params), finetuned_accuracy=search_reference,
+                                         progress=progress)
+        config = _merge_config(method, search)
+        params = {**method.params, **(search.best_params if search is not None else {})}
+        merged = _merge(config, theta0, finetuned_list, vectors)
         row = summarize(task_pool.evaluate(merged, test_split, names, test_max_examples), ind)
         del merged
-        row.update({"label": method.label, "merge": method.merge, "params": params,
-                    "coefficient": _coefficient(method, params, len(names)),
-                    "search": search.to_dict() if search is not None else None})
+        row.update({"label": method.label, "merge": method.merge, "method": config["method"],
+                    "linear_param": registry.get_method(config["method"]).linear_param, "params": params,
+                    "merge_config": config, "coefficient": _coefficient(config, len(names)),
+                    "ablation": method.ablation, "search": search.to_dict() if search is not None else None})
         result["methods"][method.name] = row
         say(f"{label + ' ' if label else ''}{method.name}: avg abs {100 * row['absolute_mean']:.2f}, "
             f"avg norm {100 * row['normalized_mean']:.2f}, params {params}")
@@ -158,12 +228,28 @@ def _individual_scores(individual, model_pool, task_pool, finetuned, split, max_
     return {t: task_pool.evaluate(finetuned[t], split, [t], max_examples)[t] for t in model_pool.tasks}
 
 
-def search_scores(row: Mapping) -> dict[str, float] | None:
-    """{scaling: score} of a one-dimensional search (the demo's `validation_search`), else None."""
+def search_scores(row: Mapping) -> dict | None:
+    """The validation scores of a row's search (the demo's `validation_search`): {linear value:
+    score} when only the method's linear parameter varies, else {"k=v, ...": score}; None
+    without a search."""
     search = row.get("search")
     if not search:
         return None
-    return {p["params"]["scaling"]: p["score"] for p in search["points"]}
+    points = search["points"]
+    linear = row.get("linear_param")
+    varying = {k for k in points[0]["params"] if len({repr(p["params"].get(k)) for p in points}) > 1}
+    if linear is not None and varying <= {linear} and all(linear in p["params"] for p in points):
+        return {p["params"][linear]: p["score"] for p in points}
+    return {", ".join(f"{k}={v}" for k, v in p["params"].items()): p["score"] for p in points}
+
+
+def table_label(row: Mapping) -> str:
+    """A row's label in tables: a fixed-coefficient ablation shows its value ("alpha = 0.4")."""
+    label = row["label"]
+    coef = row.get("coefficient")
+    if row.get("ablation") and isinstance(coef, (int, float)) and label.endswith(" fixed)"):
+        return label[: -len(" fixed)")] + f" = {coef:g})"
+    return label
 
 
 def study_rows(result: Mapping) -> dict[str, dict]:
@@ -173,15 +259,25 @@ def study_rows(result: Mapping) -> dict[str, dict]:
         rows["pretrained (zero-shot)"] = result["zero_shot"]
     rows["fine-tuned (individual)"] = result["individual"]
     for row in result["methods"].values():
-        rows[row["label"]] = row
+        rows[table_label(row)] = row
     return rows
 
 
-def write_study_report(result: Mapping, output_dir: str | Path, plot: bool = True) -> list[str]:
-    """results.json (every number), results.md (the table), results.png (abs / norm per method)."""
+def check_study_output(output_dir: str | Path, inputs: Iterable = ()) -> Path:
+    """Refuse a report directory that cannot be written, or that is / lies inside / contains an
+    input (the runs, the pretrained model), before any work (`io_utils.check_output`); an existing
+    report directory is fine (its files are replaced atomically)."""
+    from saft_hf.io_utils import check_output
+
+    return check_output(output_dir, [str(i) for i in inputs], overwrite=True, directory=True)
+
+
+def write_study_report(result: Mapping, output_dir: str | Path, plot: bool = True, inputs: Iterable = ()) -> list[str]:
+    """results.json (every number), results.md (the table), results.png (abs / norm per method).
+    `inputs`: paths the report must not overwrite or land in (see `check_study_output`)."""
     from saft_hf.io_utils import atomic_path, write_json_atomic, write_text_atomic
 
-    output_dir = Path(output_dir)
+    output_dir = check_study_output(output_dir, inputs)
     rows = study_rows(result)
     write_json_atomic(output_dir / "results.json", dict(result))
     lines = [f"# Merge study{': ' + result['label'] if result.get('label') else ''}\n",

@@ -156,7 +156,7 @@ def run_glue_finetuning(model_args: GlueModelArguments, data_args: GlueDataArgum
                         model_args.model_name_or_path,
                         {"split": task.validation_split, "metrics": validation, "lora_r": lora_args.lora_r,
                          "sam_rho": getattr(training_args, "sam_rho", 0.0),
-                         "sam_adaptive": getattr(training_args, "sam_adaptive", None),
+                         "sam_variant": getattr(training_args, "sam_variant", None),
                          "max_eval_samples": data_args.max_eval_samples}).write(output_dir)
         logger.info("%s validation: %s", task.name, validation)
     return {"train": result.metrics, "validation": validation}

@@ -139,15 +139,17 @@ def run_glue_merge_study(
     progress: bool = True,
     **pool_kwargs,
 ) -> dict:
-    """Every study method (weighted average, task arithmetic searched and fixed, TIES searched) on
-    full fine-tuned runs through the shared driver (`saft_hf.evaluation.study`): coefficients chosen
-    by mean normalized validation score (normalized by each run's glue_scores.json), reported on
-    `STUDY_TEST_SPLIT` (GLUE's validation split: its test labels are hidden). Writes results.json,
-    results.md and results.png into `output_dir`; returns the study dict."""
-    from saft_hf.evaluation.study import default_study_methods, run_merge_study, write_study_report
+    """Every study method of the merge-method registry (each searched, plus the fixed-coefficient
+    ablations at `fixed_alpha`; None drops them) on full fine-tuned runs through the shared driver
+    (`saft_hf.evaluation.study`): coefficients chosen by mean normalized validation score
+    (normalized by each run's recorded validation score), reported on `STUDY_TEST_SPLIT` (GLUE's
+    validation split: its test labels are hidden). `alphas` / `densities` replace the registry's
+    grid of every method searching `scaling` / `density`. Writes results.json, results.md and
+    results.png into `output_dir`; returns the study dict."""
+    from saft_hf.evaluation.study import (check_study_output, default_study_methods, grids_for_params,
+                                          run_merge_study, write_study_report)
     from saft_hf.glue.pools import STUDY_TEST_SPLIT, GlueTaskPool, glue_model_pool
     from saft_hf.merging.io import is_lora_adapter
-    from saft_hf.merging.search import PAPER_ALPHAS, PAPER_DENSITIES
 
     lora = [t for t, p in finetuned.items() if is_lora_adapter(p)]
     if lora:
@@ -155,12 +157,14 @@ def run_glue_merge_study(
                          "(merge adapters with search_glue_merge / merge_search.py without --study)")
     tasks = [get_task(t).name for t in finetuned]
     pretrained = resolve_model_dir(pretrained)
+    inputs = [str(p) for p in finetuned.values()] + [str(pretrained)]
+    check_study_output(output_dir, inputs)  # a bad report directory fails now, not after the study
+    methods = default_study_methods(grids=grids_for_params({"scaling": alphas, "density": densities}),
+                                    fixed_coefficient=fixed_alpha, ablations=fixed_alpha is not None)
     model_pool = glue_model_pool(pretrained, {get_task(t).name: str(p) for t, p in finetuned.items()})
     task_pool = GlueTaskPool(tasks, pretrained, data_paths=data_paths, device=device, **pool_kwargs)
-    methods = default_study_methods(ta_grid=alphas or PAPER_ALPHAS, fixed_alpha=fixed_alpha,
-                                    ties_grid=alphas or PAPER_ALPHAS, ties_density=list(densities or PAPER_DENSITIES))
     result = run_merge_study(model_pool, task_pool, methods, search_max_examples=search_max_samples,
                              test_max_examples=test_max_samples, test_split=STUDY_TEST_SPLIT, progress=progress,
                              label=f"{Path(str(pretrained)).name}, GLUE {' '.join(tasks)}")
-    write_study_report(result, output_dir)
+    write_study_report(result, output_dir, inputs=inputs)
     return result

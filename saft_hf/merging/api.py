@@ -62,37 +62,50 @@ def _transforms(spec) -> list[tuple]:
 
 
 def _run(method_name: str, base: TensorSource, plan: MergePlan, tasks: list[TaskVector], params: dict, order,
-         transforms=(), allow_nonfinite: bool = False) -> dict[str, torch.Tensor]:
+         transforms=(), allow_nonfinite: bool = False, data=None, report: dict | None = None) -> dict[str, torch.Tensor]:
     method = registry.get_method(method_name)
     resolved = registry.validate_params(method_name, params, num_tasks=len(tasks))
     if transforms and not method.takes_task_vectors:
         raise ValueError(f"transforms apply to task vectors; {method_name} merges the models themselves")
     tasks = prepare_task_vectors(tasks, base, transforms)
     sink = _dict_sink(base, plan)
-    run_method(method, resolved, base, tasks, plan, sink, progress=False, check_finite=not allow_nonfinite)
+    out = run_method(method, resolved, base, tasks, plan, sink, progress=False, check_finite=not allow_nonfinite,
+                     data=data)
+    if report is not None:
+        report.update(out)
     return _finish(sink, plan, order)
 
 
 def merge(method: str, pretrained: StateDict, task_vectors, transforms=None, allow_nonfinite: bool = False,
-          **params) -> dict[str, torch.Tensor]:
+          data=None, report: dict | None = None, **params) -> dict[str, torch.Tensor]:
     """Merge task vectors into `pretrained` with any registered method:
     `merge("ties", theta0, [tau1, tau2], scaling=0.5, density=0.2)`.
 
     `transforms`: e.g. [{"name": "dare", "drop_rate": 0.5}] applied to every task vector first
     (task i uses DARE seed + i). Parameters are validated strictly (see registry.validate_params).
-    NaN/Inf in the weights is refused unless `allow_nonfinite`.
+    NaN/Inf in the weights is refused unless `allow_nonfinite`. `data`: the MergeData of a
+    method that reads data (RegMean, Fisher merging, AdaMerging; see data.py); task vectors given
+    as a dict are matched to its tasks by name. `report`: a dict that receives the method's report
+    (learned coefficients, statistics cache hits, ...).
     """
     tasks = _task_list(task_vectors)
     base, plan = _prepare(pretrained, tasks)
-    return _run(method, base, plan, tasks, params, list(pretrained), _transforms(transforms), allow_nonfinite)
+    return _run(method, base, plan, tasks, params, list(pretrained), _transforms(transforms), allow_nonfinite,
+                data, report)
 
 
-def merge_finetuned(method: str, pretrained: StateDict | None, finetuned: Sequence[StateDict], transforms=None,
-                    allow_nonfinite: bool = False, **params) -> dict[str, torch.Tensor]:
+def merge_finetuned(method: str, pretrained: StateDict | None, finetuned, transforms=None,
+                    allow_nonfinite: bool = False, data=None, report: dict | None = None,
+                    **params) -> dict[str, torch.Tensor]:
     """Like `merge`, from fine-tuned state dicts. Methods that do not need the pretrained model
     (weighted average) take the first fine-tuned model as the reference, so their result is
-    computed from the fine-tuned weights alone."""
-    finetuned = list(finetuned)
+    computed from the fine-tuned weights alone. `finetuned`: a list of state dicts, or a dict
+    name -> state dict (names matched to the tasks of `data`)."""
+    if isinstance(finetuned, Mapping) and finetuned and all(isinstance(v, Mapping) for v in finetuned.values()):
+        names, finetuned = [str(k) for k in finetuned], list(finetuned.values())
+    else:
+        finetuned = list(finetuned)
+        names = [f"model{i}" for i in range(len(finetuned))]
     if not finetuned:
         raise ValueError(f"{method} needs at least one fine-tuned state dict")
     m = registry.get_method(method)
@@ -101,12 +114,13 @@ def merge_finetuned(method: str, pretrained: StateDict | None, finetuned: Sequen
     reference = pretrained if m.needs_pretrained else finetuned[0]
     ref_name = "pretrained" if m.needs_pretrained else "model0"
     base = DictSource(reference, ref_name)
-    others = [DictSource(sd, f"model{i}") for i, sd in enumerate(finetuned)]
+    others = [DictSource(sd, name) for name, sd in zip(names, finetuned)]
     plan = build_plan(base, others if m.needs_pretrained else others[1:])
     tasks = [CheckpointTaskVector(o, o.name) for o in others]
     for tv in tasks:
         tv.check(plan.keys, base)
-    return _run(method, base, plan, tasks, params, list(reference), _transforms(transforms), allow_nonfinite)
+    return _run(method, base, plan, tasks, params, list(reference), _transforms(transforms), allow_nonfinite,
+                data, report)
 
 
 def task_vector(pretrained: StateDict, finetuned: StateDict) -> dict[str, torch.Tensor]:
@@ -143,15 +157,31 @@ def weighted_average(state_dicts: Sequence[StateDict], weights=None, normalize: 
     return merge_finetuned("weighted_average", None, state_dicts, **params)
 
 
-def ties_merging(pretrained: StateDict, task_vectors, scaling: float = 1.0, density: float = 0.2,
+def ties_merging(pretrained: StateDict, task_vectors, scaling: float = 1.0, density=0.2,
                  trim_scope: str = "global", sign_method: str = "sum", disjoint: str = "mean",
-                 zero_sign: str = "majority") -> dict[str, torch.Tensor]:
+                 zero_sign: str = "majority", trim_count: str = "kthvalue", weights=None,
+                 weighting: str = "mergekit", trim_rescale: str = "none") -> dict[str, torch.Tensor]:
     """TIES-merging: trim each task vector to its top `density` fraction by magnitude (over the
     whole model with trim_scope="global", or per tensor), elect a sign per entry (sign of the sum
     of trimmed values, or of the count of signs), average (or sum) the entries agreeing with it,
-    and add `scaling` times the result to the pretrained weights. Defaults = TIES paper code."""
-    return merge("ties", pretrained, task_vectors, scaling=scaling, density=density, trim_scope=trim_scope,
-                 sign_method=sign_method, disjoint=disjoint, zero_sign=zero_sign)
+    and add `scaling` times the result to the pretrained weights. Defaults = TIES paper code.
+
+    `density` may be one number per task; `weights` (one per task) weight the trimmed task
+    vectors inside the disjoint mean (`weighting` "mergekit" or "peft"); `trim_count` "exact" /
+    "exact_min1" keep exactly int(n*density) / max(1, int(n*density)) entries per tensor (PEFT /
+    mergekit); `trim_rescale="l1"` scales each trimmed tensor back to its L1 norm (mergekit's
+    `rescale: true`). See docs/merging.md for the settings that reproduce each tool."""
+    if isinstance(scaling, (list, tuple)) and all(isinstance(x, (int, float)) for x in scaling):
+        raise registry.ParamError(
+            f"ties_merging scaling is lambda, one number that multiplies the merged task vector, got {list(scaling)}; "
+            "for one coefficient per task pass weights=[...] (they weight the task vectors inside the disjoint "
+            "mean), or use task_arithmetic(scaling=[...])")
+    params = dict(scaling=scaling, density=density, trim_scope=trim_scope, sign_method=sign_method,
+                  disjoint=disjoint, zero_sign=zero_sign, trim_count=trim_count, weighting=weighting,
+                  trim_rescale=trim_rescale)
+    if weights is not None:
+        params["weights"] = weights
+    return merge("ties", pretrained, task_vectors, **params)
 
 
 def dare(task_vector: StateDict, drop_rate: float, seed: int = 0, rescale=True) -> dict[str, torch.Tensor]:
@@ -161,6 +191,9 @@ def dare(task_vector: StateDict, drop_rate: float, seed: int = 0, rescale=True) 
     streamed merge drops exactly the same entries. Use a different seed per task."""
     p = registry.validate_transform_params("dare", {"drop_rate": drop_rate, "seed": seed,
                                                     "rescale": "none" if rescale is None else rescale})
+    if isinstance(p["drop_rate"], list):
+        raise registry.ParamError("dare() transforms one task vector: give one drop_rate (per-task lists are for "
+                                  "merge(..., transforms=[{'name': 'dare', 'drop_rate': [...]}]))")
     mode = check_dare_args(p["drop_rate"], p["rescale"])
     out = {}
     seen: dict[int, torch.Tensor] = {}
@@ -174,3 +207,43 @@ def dare(task_vector: StateDict, drop_rate: float, seed: int = 0, rescale=True) 
             continue
         out[k] = seen[ident] = dare_tensor(t, p["drop_rate"], p["seed"], k, mode)
     return out
+
+
+def regmean(finetuned, data, pretrained: StateDict | None = None, alpha: float = 0.9, examples: int = 256,
+            split: str = "train", report: dict | None = None) -> dict[str, torch.Tensor]:
+    """RegMean (Jin et al. 2023): every linear layer W = (sum_i G_i)^-1 sum_i G_i W_i with G_i the
+    Gram matrix (mean of x x^T) of that layer's inputs on task i's first `examples` examples, its
+    off-diagonal entries scaled by `alpha`; other tensors averaged. `finetuned`: the fine-tuned
+    state dicts, as a list or a dict task name -> state dict; `data`: a MergeData (data.py).
+    `pretrained` is accepted for symmetry and not needed: the result depends on the fine-tuned
+    models only (the first one is the reference of the deltas).
+    Gram matrices are cached per MergeData object, so changing only alpha does not re-read data."""
+    return merge_finetuned("regmean", pretrained, finetuned, data=data, report=report, alpha=alpha,
+                           examples=examples, split=split)
+
+
+def fisher_merging(finetuned, data, pretrained: StateDict | None = None, weights=None, epsilon: float = 1e-6,
+                   normalize: bool = True, examples: int = 256, estimator: str = "exact", seed: int = 0,
+                   split: str = "train", report: dict | None = None) -> dict[str, torch.Tensor]:
+    """Fisher merging (Matena & Raffel 2022): theta = sum_i c_i F_i theta_i / sum_i c_i F_i per
+    entry, F_i the diagonal (true) Fisher of model i on its task's inputs floored at `epsilon`,
+    c_i = weights_i / ||F_i|| with `normalize` (paper code defaults). See methods/fisher_merging.py.
+    `pretrained` is not needed (as for `regmean`); the Fisher statistics are cached per `data`."""
+    params = {"epsilon": epsilon, "normalize": normalize, "examples": examples, "estimator": estimator,
+              "seed": seed, "split": split}
+    if weights is not None:
+        params["weights"] = weights
+    return merge_finetuned("fisher_merging", pretrained, finetuned, data=data, report=report, **params)
+
+
+def adamerging(pretrained: StateDict, task_vectors, data, granularity: str = "layer", base: str = "task_arithmetic",
+               init: float = 0.3, lr: float = 1e-3, steps: int = 100, batches_per_step: int = 2, clamp: bool = True,
+               density: float = 0.2, split: str = "test", report: dict | None = None) -> dict[str, torch.Tensor]:
+    """AdaMerging (Yang et al. 2024): theta_0 + sum_t lambda_t tau_t with lambda (one per task, or
+    one per task and tensor with granularity="layer") learned by Adam on the entropy of the
+    merged model's predictions on each task's unlabeled inputs; base="ties" is AdaMerging++.
+    Paper: init 0.3, lr 1e-3, 500 steps. The learned coefficients are put in `report`
+    (report["adamerging"]["coefficients"])."""
+    return merge("adamerging", pretrained, task_vectors, data=data, report=report, granularity=granularity,
+                 base=base, init=init, lr=lr, steps=steps, batches_per_step=batches_per_step, clamp=clamp,
+                 density=density, split=split)

@@ -20,9 +20,23 @@ example config (recipes/merge_examples/ties_vit_b32.yaml):
     trim_scope: global      # global (whole model, paper) | per_tensor (PEFT / mergekit)
     sign_method: sum        # sum (sign of summed values, paper) | count (majority of signs)
     disjoint: mean          # mean of agreeing entries (paper) | sum (FusionBench)
+    trim_count: kthvalue    # kthvalue (paper, FusionBench) | exact (PEFT) | exact_min1 (mergekit)
+    # density and weights may be lists, one value per model (weights: [1.0, 0.5])
   transforms: [{name: dare, drop_rate: 0.5, seed: 0}]   # optional, in front of the method
   max_shard_size: 2GB
   allow_nonfinite: false    # true: merge even if a checkpoint holds NaN/Inf (refused by default)
+  out_dtype: bfloat16       # optional: float16 | bfloat16 | float32 (computed in float32 either way)
+
+A mergekit YAML (merge_method, base_model, models: [{model, parameters: {weight, density}}],
+parameters, dtype, out_dtype, tokenizer_source: base) is accepted as is and run with mergekit's
+semantics; methods and keys saft-hf does not support are refused by name. docs/merging.md says
+what matches mergekit bit for bit. mergekit methods supported now:
+  MERGEKIT_METHODS
+
+Methods that read data (regmean, fisher_merging, adamerging) also need
+  data: mypkg.adapters:cars_dtd_data   # a callable returning a saft_hf.merging.data.MergeData
+(or data: {callable: mypkg.adapters:make, args: {...}}); RegMean/Fisher statistics are cached in
+<checkpoint>/.saft_merge_stats/ when the data has a fingerprint.
 
 Numbers and booleans are checked strictly: write `scaling: 0.4`, not `scaling: "0.4"`;
 `normalize: false`, not `normalize: "no"`. `dare: {drop_rate: 0.5}` is accepted as an alias of
@@ -43,8 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (f"Merge fine-tuned checkpoints of one pretrained model ({', '.join(method_names())}; "
                           f"transforms: {', '.join(transform_names())}) tensor by tensor, without loading all "
                           "models at once.")
-    parser.epilog = EPILOG + "\n" + describe() + "\n"
-    parser.add_argument("config", help="YAML merge config (see the example below)")
+    from .mergekit_config import supported_methods
+
+    parser.epilog = EPILOG.replace("MERGEKIT_METHODS", ", ".join(supported_methods())) + "\n" + describe() + "\n"
+    parser.add_argument("config", help="YAML merge config: saft-hf's format or a mergekit config (see below)")
     parser.add_argument("--output", "-o", required=True, help="output directory for the merged model")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (only after the new one is complete)")
     parser.add_argument("--max-shard-size", default=None, help="override max_shard_size from the config, e.g. 500MB")

@@ -92,13 +92,20 @@ def find_nonfinite(base: TensorSource, tasks: Sequence[TaskVector], keys) -> Non
                 raise nonfinite_error("fine-tuned model", tv.name, key)
 
 
+def _data_methods() -> list[str]:
+    from .registry import get_method, method_names
+
+    return [m for m in method_names() if get_method(m).needs_data]
+
+
 def run_method(method: MergeMethod, params: dict, base: TensorSource, tasks: Sequence[TaskVector], plan: MergePlan,
                sink, progress: bool = True, mode: str = "weights", desc: str | None = None,
-               check_finite: bool = True) -> dict:
+               check_finite: bool = True, out_dtype: torch.dtype | None = None, data=None,
+               stats_locations=None) -> dict:
     """Merge with `method` at the resolved `params` into `sink`; returns the method's report.
 
     mode="weights": the sink gets base_scale * theta_0 + merged delta in the pretrained dtype,
-    then the non-float buffers. mode="delta": the sink gets the merged delta itself (float32/64)
+    (or `out_dtype`), then the non-float buffers. mode="delta": the sink gets the merged delta itself (float32/64)
     for every merged key, so coefficient search can reuse it along the method's linear parameter.
 
     check_finite: refuse NaN/Inf, naming the model and tensor. It costs one pass over each
@@ -118,6 +125,13 @@ def run_method(method: MergeMethod, params: dict, base: TensorSource, tasks: Seq
                 find_nonfinite(base, ctx.tasks, keys())  # a clearer error if NaN/Inf caused it
             raise
 
+    if method.needs_data:
+        from .datastats import prepare
+
+        prepare(ctx, data, stats_locations)
+    elif data is not None:
+        raise ValueError(f"method {method.name} does not read data; drop the data argument (methods that do: "
+                         f"{[m for m in _data_methods()]})")
     if method.prepass is not None:
         guarded(lambda: method.prepass(ctx), lambda: plan.keys)
     scale = float(method.base_scale(ctx)) if method.base_scale is not None and mode == "weights" else 1.0
@@ -138,7 +152,7 @@ def run_method(method: MergeMethod, params: dict, base: TensorSource, tasks: Seq
             out = pre.to(merged.dtype)
             if scale != 1.0:
                 out = out * scale
-            out = (out + merged).to(pre.dtype)
+            out = (out + merged).to(out_dtype or pre.dtype)
         if check_finite and not all_finite(out):
             find_nonfinite(base, ctx.tasks, [key])
             raise NonFiniteError(f"merging {key!r} with {method.name} gives non-finite values although every input "

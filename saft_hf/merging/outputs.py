@@ -13,7 +13,7 @@ from .io import ADAPTER_CONFIG, CheckpointError, resolve_checkpoint, weight_file
 
 # Files of the base model directory that are never copied to the output (they describe the
 # input, or the merge writes its own).
-_SKIP_COPY = {"README.md", ADAPTER_CONFIG, "merge_config.yaml", "merge_report.json"}
+_SKIP_COPY = {"README.md", ADAPTER_CONFIG, "merge_config.yaml", "merge_report.json", "mergekit_config.yml"}
 
 
 def merge_inputs(config) -> list[str]:

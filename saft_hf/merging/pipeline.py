@@ -10,20 +10,26 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from ..io_utils import atomic_directory, write_text_atomic
 from . import registry
 from .card import model_card
+from .data import check_data_spec, load_data
+from .datastats import checkpoint_location
 from .engine import run_method
 from .io import ShardedSafetensorsSink, is_lora_adapter, open_source, parse_size
 from .outputs import check_merge_output, copy_model_files, model_files_source
 from .plan import build_plan, check_extra_keys
+from .mergekit_config import is_mergekit_config
+from .mergekit_config import translate as mergekit_translate
 from .registry import ParamError
 from .taskvectors import CheckpointTaskVector, LoraTaskVector, prepare_task_vectors
 
 logger = logging.getLogger(__name__)
 
+OUT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def _what(value) -> str:
@@ -37,7 +43,14 @@ class MergeConfig:
     `params`: its parameters, checked against the registry. `transforms`: task-vector transforms
     in front of the method, e.g. [{name: dare, drop_rate: 0.5, seed: 0}] (`dare: {...}` is an
     alias of one DARE transform). `pretrained` may be omitted only for methods that do not need
-    it (weighted_average). `allow_nonfinite`: merge even if a checkpoint holds NaN/Inf."""
+    it (weighted_average). `allow_nonfinite`: merge even if a checkpoint holds NaN/Inf.
+    `out_dtype`: float16 | bfloat16 | float32 for the merged floating-point weights (default: the
+    pretrained model's dtype); the computation is float32 either way.
+
+    A mergekit config (a mapping with `merge_method:`) is translated by `mergekit_config` into
+    this format; `mergekit_source` then holds the original (written as mergekit_config.yml).
+    `data`: for methods that read data (RegMean, Fisher merging, AdaMerging), a Python callable
+    `package.module:function` (or {callable: ..., args: {...}}) returning a saft_hf.merging.data.MergeData."""
 
     models: list[dict]
     method: str = "task_arithmetic"
@@ -48,11 +61,18 @@ class MergeConfig:
     max_shard_size: str = "2GB"
     config: str | None = None  # where config.json/tokenizer come from if not beside `pretrained` (outputs.py)
     allow_nonfinite: bool = False
+    out_dtype: str | None = None
+    data: Any = None  # methods that read data: `package.module:function` returning a data.MergeData
 
     @classmethod
     def from_dict(cls, raw: dict) -> "MergeConfig":
         if not isinstance(raw, dict):
             raise ValueError("merge config must be a mapping with keys pretrained, models, method, params")
+        if is_mergekit_config(raw):
+            translated, notes = mergekit_translate(raw)
+            cfg = cls.from_dict(translated)
+            cfg.mergekit_source, cfg.mergekit_notes = dict(raw), notes
+            return cfg
         allowed = [f.name for f in dataclasses.fields(cls)]
         unknown = set(raw) - set(allowed)
         if unknown:
@@ -83,7 +103,10 @@ class MergeConfig:
                 raise ValueError(f"models[{i}] must be a path or a mapping {{path, name}}, got {_what(m)}")
             bad = set(m) - {"path", "name"}
             if bad:
-                raise ValueError(f"models[{i}] has unknown key(s) {sorted(map(str, bad))}; allowed: name, path")
+                raise ValueError(f"models[{i}] has unknown key(s) {sorted(map(str, bad))}; allowed: name, path. "
+                                 "Per-model settings go in `params:` as lists with one value per model "
+                                 "(e.g. ties `density: [0.2, 0.5]`, `weights: [1.0, 0.5]`); a mergekit config "
+                                 "(`merge_method:`, `models: [{model, parameters}]`) is also accepted")
             if "path" not in m:
                 raise ValueError(f"models[{i}] has no `path`")
             if not isinstance(m["path"], (str, Path)):
@@ -124,7 +147,19 @@ class MergeConfig:
         if isinstance(self.max_shard_size, bool) or not isinstance(self.max_shard_size, (str, int)):
             raise ValueError(f"max_shard_size must be a size like 2GB or 500MB, got {_what(self.max_shard_size)}")
         parse_size(self.max_shard_size)
+        if self.out_dtype is not None and self.out_dtype not in OUT_DTYPES:
+            raise ValueError(f"out_dtype must be one of {list(OUT_DTYPES)} (the dtype of the merged weights; the "
+                             f"computation is float32 either way), got {_what(self.out_dtype)}")
         self.resolved_params()
+        if method.needs_data and self.data is None:
+            raise ValueError(f"method {self.method} reads each task's inputs: add `data: package.module:function` to "
+                             "the merge config (a Python callable returning a saft_hf.merging.data.MergeData, e.g. "
+                             "an adapter of a task family)")
+        if self.data is not None and not method.needs_data:
+            raise ValueError(f"`data:` is given but method {self.method} does not read data; remove it (methods that "
+                             f"do: {[m for m in registry.method_names() if registry.get_method(m).needs_data]})")
+        if self.data is not None:
+            check_data_spec(self.data)
         if self.transform_specs() and not method.takes_task_vectors:
             raise ValueError(f"transforms (DARE, ...) apply to task vectors: {self.method} merges the models "
                              f"themselves; use one of {[m for m in registry.method_names() if registry.get_method(m).takes_task_vectors]}")
@@ -135,6 +170,9 @@ class MergeConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def torch_out_dtype(self):
+        return None if self.out_dtype is None else OUT_DTYPES[self.out_dtype]
 
 
 def _json_safe(obj):
@@ -190,22 +228,36 @@ def merge_models(config: MergeConfig | dict | str, output_dir, overwrite: bool =
                      + (" (seed + task index)" if "seed" in tp else ""))
     if config.allow_nonfinite:
         notes.append("allow_nonfinite: NaN/Inf in the checkpoints were not checked for")
-    notes = plan.notes + notes
+    notes = getattr(config, "mergekit_notes", []) + plan.notes + notes
+    out_dtype = config.torch_out_dtype()
+    if out_dtype is not None:
+        notes.append(f"merged floating-point weights written as {config.out_dtype} (computed in float32)")
     if plan.aliases:
         notes.append(f"tied aliases {sorted(plan.aliases)} are not stored separately; from_pretrained re-ties them")
     for n in notes:
         logger.info(n)
 
+    data, locations = None, None
+    if method.needs_data:
+        data = load_data(config.data)
+        lora = [is_lora_adapter(m["path"]) for m in config.models]
+        locations = [checkpoint_location(m["path"], config.pretrained if is_lora else None)
+                     for m, is_lora in zip(config.models, lora)]
     stats: dict[str, Any] = {"method": config.method, "params": params,
                              "transforms": [{"name": n, **p} for n, p in config.transform_specs()]}
     with atomic_directory(output_dir, overwrite=overwrite, inputs=inputs) as tmp:
         layout = [(k, *base.info(k)) for k in plan.keys + plan.passthrough]
+        if out_dtype is not None:
+            layout = [(k, shape, out_dtype if k in plan.keys else dt) for k, shape, dt in layout]
         sink = ShardedSafetensorsSink(tmp, layout, config.max_shard_size)
         stats.update(run_method(method, params, base, tasks, plan, sink, progress,
-                                check_finite=not config.allow_nonfinite))
+                                check_finite=not config.allow_nonfinite, out_dtype=out_dtype, data=data,
+                                stats_locations=locations))
         shards = sink.close()
         copied = copy_model_files(model_files, tmp)
         (tmp / "merge_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if getattr(config, "mergekit_source", None) is not None:  # the config as the user wrote it
+            (tmp / "mergekit_config.yml").write_text(yaml.safe_dump(config.mergekit_source, sort_keys=False))
         (tmp / "README.md").write_text(model_card(config.to_dict(), notes, stats))
         stats.update(notes=notes, shards=[p.name for p in shards], copied_files=copied,
                      merged_tensors=len(plan.keys), copied_buffers=len(plan.passthrough),

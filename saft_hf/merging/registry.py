@@ -86,6 +86,9 @@ class MergeContext:
     key_state: dict = field(default_factory=dict)  # per-tensor cache, emptied at each new key
     final: bool = False  # True while the engine re-runs blocks a kernel deferred
     deferred: list = field(default_factory=list)  # (key, rows) blocks deferred in the main pass
+    data: Any = None  # the MergeData of a method with needs_data (see data.py)
+    data_tasks: list = field(default_factory=list)  # the data's task name for each task vector
+    stats: list = field(default_factory=list)  # per task: datastats.TaskStats from the method's `collect`
 
     @property
     def num_tasks(self) -> int:
@@ -115,6 +118,12 @@ class MergeMethod:
     coefficient(params, num_tasks): the number a study shows in its `coef` column.
     whole_tensors: the kernel always gets whole tensors (methods that need an SVD of each matrix);
     otherwise tensors above engine.PIECE_ELEMENTS entries arrive in row blocks.
+    needs_data: the method reads each task's inputs through a `data.MergeData` (ctx.data; a merge
+    without one is refused with a message saying how to give it). collect(model, task, data, ctx)
+    -> {name: tensor}: optional per-task statistics, computed in one pass over that task's data with
+    the task's fine-tuned model and cached (in memory, and beside the checkpoint on disk: see
+    datastats.py); the kernel reads them as ctx.stats[t].get(name). data_params: the parameters the
+    statistics depend on (part of the cache key; the others can change without recomputing).
     """
 
     name: str
@@ -135,9 +144,13 @@ class MergeMethod:
     order: int = 100
     coefficient: Callable[[dict, int], Any] | None = None  # the `coef` a study reports; default: linear_param's value
     whole_tensors: bool = False  # kernel needs whole matrices (SVD methods): no row blocks
+    needs_data: bool = False  # reads task inputs through a MergeData (RegMean, Fisher, AdaMerging)
+    collect: Callable | None = None  # per-task statistics from one pass over the data (cached)
+    data_params: Sequence[str] = ()  # params the collected statistics depend on (cache key)
 
     def __post_init__(self):
         self.params = tuple(self.params)
+        self.data_params = tuple(self.data_params)
         self.label = self.label or self.name.replace("_", " ")
         self.short_label = self.short_label or self.label
         names = [p.name for p in self.params]
@@ -145,6 +158,11 @@ class MergeMethod:
             raise ValueError(f"method {self.name}: duplicate parameter names {names}")
         if self.linear_param is not None and self.linear_param not in names:
             raise ValueError(f"method {self.name}: linear_param {self.linear_param!r} is not one of its parameters")
+        if (self.collect is not None or self.data_params) and not self.needs_data:
+            raise ValueError(f"method {self.name}: `collect` / `data_params` need needs_data=True")
+        unknown = [p for p in self.data_params if p not in names]
+        if unknown:
+            raise ValueError(f"method {self.name}: data_params {unknown} are not among its parameters {names}")
 
     def param(self, name: str) -> Param:
         for p in self.params:

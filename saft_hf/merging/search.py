@@ -162,6 +162,7 @@ def search_coefficients(
     params: Mapping | None = None,
     transforms=None,
     allow_nonfinite: bool = False,
+    data=None,
 ) -> SearchResult:
     """Evaluate every grid point with `evaluate(merged_state_dict) -> {task: accuracy}`.
 
@@ -171,7 +172,8 @@ def search_coefficients(
     fixed method parameters (`ties_options` is the old name for TIES's trim_scope / sign_method /
     disjoint / zero_sign). `transforms`: extra transforms, e.g. [{"name": "dare", "seed": 3}];
     `dare_seed` / `dare_rescale` set DARE's seed / rescale. The evaluation callable must not keep
-    references to the state dict it gets (it is rebuilt per point).
+    references to the state dict it gets (it is rebuilt per point). `data`: the MergeData of a
+    method that reads data (its statistics are computed once and reused across the grid).
     """
     if method not in registry.search_names():
         raise ValueError(f"unknown search method {method!r}; choose one of {registry.search_names()}")
@@ -228,11 +230,13 @@ def search_coefficients(
         tvs = prepare_task_vectors(tasks, base, tr)
         if not cache:
             sink = _dict_sink(base, plan)
-            run_method(m, mp, base, tvs, plan, sink, progress=False, check_finite=not allow_nonfinite)
+            run_method(m, mp, base, tvs, plan, sink, progress=False, check_finite=not allow_nonfinite,
+                       data=data if m.needs_data else None)
             score(setting, _finish(sink, plan, order))
             continue
         sink = _dict_sink(base, plan)
-        run_method(m, mp, base, tvs, plan, sink, progress=False, mode="delta", check_finite=not allow_nonfinite)
+        run_method(m, mp, base, tvs, plan, sink, progress=False, mode="delta", check_finite=not allow_nonfinite,
+                   data=data if m.needs_data else None)
         direction = sink.close()
         for alpha in inner:
             out = DictSink()

@@ -249,7 +249,11 @@ def key_seed(seed: int, key: str) -> int:
     return (zlib.crc32(key.encode()) ^ (seed * 0x9E3779B1)) & 0x7FFFFFFF
 
 
-def dare_tensor(delta: torch.Tensor, drop_rate: float, seed: int, key: str, rescale="inverse") -> torch.Tensor:
+def dare_tensor(delta: torch.Tensor, drop_rate: float, seed: int, key: str, rescale="inverse",
+                min_norm: float = 0.0) -> torch.Tensor:
+    """Drop entries with probability drop_rate and rescale the survivors (`rescale`: inverse =
+    1/(1-p), l1 = match the tensor's L1 norm, none). With l1 and min_norm > 0 the tensor is left
+    unscaled when its L1 norm before or after the drop is below min_norm (mergekit uses 1e-7)."""
     if drop_rate == 0:
         return delta
     gen = torch.Generator().manual_seed(key_seed(seed, key))
@@ -260,6 +264,9 @@ def dare_tensor(delta: torch.Tensor, drop_rate: float, seed: int, key: str, resc
     if rescale == "l1":
         # mergekit-style: survivors scaled so the tensor's L1 norm matches the original.
         norm_kept = kept.abs().sum()
+        if min_norm > 0:
+            norm = delta.abs().sum()
+            return kept if norm < min_norm or norm_kept < min_norm else kept * (norm / norm_kept)
         return kept * (delta.abs().sum() / norm_kept) if norm_kept > 0 else kept
     return kept
 
@@ -330,5 +337,12 @@ def prepare_task_vectors(tasks: list[TaskVector], base: TensorSource, transforms
     """The task vectors with the transforms [(Transform, params), ...] applied in the given
     order, each task with its index."""
     for transform, params in transforms:
+        for p in transform.params:  # per-task lists (DARE drop_rate: [0.5, 0.3]) need one value per task
+            value = params.get(p.name)
+            if p.kind == "per_task_float" and isinstance(value, (list, tuple)) and len(value) != len(tasks):
+                from .registry import ParamError
+
+                raise ParamError(f"{transform.name} {p.name} has {len(value)} values but there are {len(tasks)} "
+                                 "task vectors; give one number or one per task")
         tasks = [TransformedTaskVector(tv, transform, params, i, base) for i, tv in enumerate(tasks)]
     return tasks

@@ -62,7 +62,7 @@ class TrainingSetup:
 
     zero_stage: int = 0  # DeepSpeed ZeRO stage, 0 without DeepSpeed
     world_size: int = 1
-    distributed: str = "no"  # "no", "ddp" or "deepspeed" (FSDP is refused before variants are asked)
+    distributed: str = "no"  # "no", "ddp", "deepspeed" or "fsdp2" (FSDP1 is refused before variants are asked)
     peft: bool = False  # the model is a PEFT (LoRA, ...) model
     mixed_precision: str = "no"  # "no", "fp16" or "bf16"
     gradient_accumulation_steps: int = 1
@@ -75,10 +75,12 @@ class SAMStep:
     - `names`/`params`: the tensors the variant works on in this micro-batch: trainable parameters
       with a first-pass gradient (unused ones dropped), or every trainable one when no first pass ran.
       Under ZeRO-3 they are full tensors only inside `perturbation` (the trainer gathers them there).
+      Under FSDP2 they are DTensors (each rank holds a shard), and so are the first-pass `grads` and
+      `gradients()`: see "FSDP2" in docs/extending-sam.md for what a variant must do there.
     - `trainable`: every trainable parameter (for `gradients()` / `set_gradients()`).
     - `first_pass_loss` / `second_pass_loss`: set once that pass has run (detached).
     - `synced_first_pass`: the first-pass gradient was all-reduced (mean) across ranks before it reached
-      `perturbation` (sam_sync_perturbation=True, or ZeRO-3); otherwise it is this rank's own.
+      `perturbation` (sam_sync_perturbation=True, ZeRO-3 or FSDP2); otherwise it is this rank's own.
     """
 
     args: Any
@@ -106,7 +108,10 @@ class SAMStep:
         return self._all_ranks_agree(local_ok)
 
     def all_reduce_mean(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Mean over ranks, in place (a collective: every rank must call it with the same shapes)."""
+        """Mean over ranks, in place (a collective: every rank must call it with the same shapes).
+
+        DTensors (FSDP2 shards) are averaged only over the mesh dims they are replicated on (a no-op
+        for plain FSDP): their shards are pieces of one tensor, already synced, not copies to average."""
         tensors = list(tensors)
         if self._all_reduce_mean is None or self.world_size <= 1:
             return tensors

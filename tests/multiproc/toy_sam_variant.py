@@ -62,3 +62,34 @@ def replay_perturbation(rho):
         return [rho * torch.sign(g) / math.sqrt(n) for g in grads]
 
     return perturb
+
+
+PARTIAL_NAME = "test-partial-sam"
+
+
+@register_sam_variant(PARTIAL_NAME, replace=True)
+class PartialSAM(SAMVariant):
+    """Plain SAM on the `fc1.*` tensors only: the first pass is taken for that subset (as ESAM's stochastic
+    weight perturbation does), so a launch mode that reduces every gradient in the first pass (FSDP2) must
+    keep the other tensors' gradients out of `.grad`."""
+
+    def takes_first_pass(self, step):
+        kept = [(n, p) for n, p in zip(step.names, step.params) if n.startswith("fc1.")]
+        step.names, step.params = [n for n, _ in kept], [p for _, p in kept]
+        return True
+
+    def perturbation(self, step, grads):
+        result = sharpness.perturbation_(step.params, grads, rho=self.args.sam_rho, adaptive=False,
+                                         all_finite=step.all_ranks_agree)
+        return Perturbation.from_result(result, grads)
+
+
+def replay_partial_perturbation(rho):
+    """SAM's e on the fc1 tensors (their own norm), zero elsewhere, for `replay_sam(..., perturbation=...)`."""
+
+    def perturb(params, names, grads):
+        chosen = [n.startswith("fc1.") for n in names]
+        norm = torch.sqrt(sum((g**2).sum() for g, c in zip(grads, chosen) if c))
+        return [rho * g / (norm + 1e-12) if c else torch.zeros_like(g) for g, c in zip(grads, chosen)]
+
+    return perturb

@@ -1,7 +1,9 @@
 """Worker launched by tests/test_trainer_multiprocess.py with torchrun (gloo, CPU).
 
-Trains TinyClassifier with SAFTTrainer under DDP or DeepSpeed ZeRO-1/2/3, records every
-micro-batch each rank saw, and saves batches (per rank) + initial and final weights (rank 0)
+Trains TinyClassifier with SAFTTrainer under DDP, DeepSpeed ZeRO-1/2/3 or FSDP2 (`fsdp2`, and
+`fsdp2bf16` with a MixedPrecisionPolicy param_dtype=bf16, reduce_dtype=float32), records every
+micro-batch each rank saw and how far each training_step left the weights from where it found them
+(the restore must be exact), and saves batches (per rank) + initial and final weights (rank 0)
 into OUT/<run name>/. Several runs share one launch (the imports dominate the cost); each run is
 `backend:grad_accum:local|sync[:sam_variant]` (variant default "asam"), DDP runs first (DeepSpeed
 leaves process-wide state behind). SAFT_TEST_SAM_VARIANT_MODULES (comma-separated module names) are
@@ -24,12 +26,54 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from multiproc.sam_reference import TinyClassifier, TinyDataset  # noqa: E402
 from saft_hf import SAFTTrainer, SAFTTrainingArguments  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+
+def _local(p):
+    return p.to_local() if isinstance(p, DTensor) else p
 
 
 class RecordingTrainer(SAFTTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.recorded.append({k: v.detach().clone() for k, v in inputs.items()})
-        return super().training_step(model, inputs, num_items_in_batch)
+        if self._zero_stage == 3:  # partitioned weights: nothing local to compare (restored inside the gather)
+            return super().training_step(model, inputs, num_items_in_batch)
+        before = [_local(p).detach().clone() for p in model.parameters()]
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # the optimizer steps outside training_step: SAM must leave the weights exactly as it found them
+        after = [_local(p).detach() for p in model.parameters()]
+        self.restore_errors.append(
+            max([float((a.float() - b.float()).abs().max()) for a, b in zip(after, before) if a.numel()] or [0.0])
+        )
+        return loss
+
+    def _sam_first_pass(self, model, *args, **kwargs):
+        # the first pass must leave every gradient alone: .grad (DDP, FSDP2's sharded grads) and, under
+        # FSDP2, the unsharded gradients FSDP holds back for the last micro-batch's reduce-scatter
+        before = _gradient_state(model)
+        result = super()._sam_first_pass(model, *args, **kwargs)
+        after = _gradient_state(model)
+        self.first_pass_grad_changes += int(
+            len(before) != len(after)
+            or any((a is None) != (b is None) or (a is not None and not torch.equal(a, b))
+                   for a, b in zip(after, before))
+        )
+        self.pending_unsharded_grads += int(any(g is not None for g in before[len(list(model.parameters())):]))
+        return result
+
+
+def _gradient_state(model):
+    """Clones of every .grad (local shards), then of FSDP2's pending unsharded gradients."""
+    from saft_hf import fsdp2
+
+    grads = [p.grad for p in model.parameters()]
+    for module in fsdp2.fsdp_modules(model):
+        for group in fsdp2._param_groups(module):
+            for fsdp_param in group.fsdp_params:
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                grads.append(getattr(fsdp_param, "unsharded_accumulated_grad", None))
+                grads.append(None if unsharded is None else unsharded.grad)
+    return [None if g is None else _local(g).detach().clone() for g in grads]
 
 
 def deepspeed_config(stage: int) -> dict:
@@ -46,13 +90,44 @@ def deepspeed_config(stage: int) -> dict:
     }
 
 
+def allow_fsdp_on_cpu() -> None:
+    """Accelerate (1.15) only turns an FSDP plugin on for accelerator devices (CUDA, XPU, ...); on this CPU-only
+    machine it would silently fall back to DDP. Test-only: make a MULTI_CPU state with an FSDP plugin an FSDP
+    state, exactly as accelerate does for GPUs (FSDP2 itself runs on CPU with gloo)."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    if getattr(AcceleratorState, "_saft_fsdp_on_cpu", False):
+        return
+    original = AcceleratorState.__init__
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        # every AcceleratorState() re-copies distributed_type from PartialState: re-apply each time
+        plugin = fsdp_plugin if fsdp_plugin is not None else getattr(self, "fsdp_plugin", None)
+        if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            if fsdp_plugin is not None and self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = plugin
+
+    AcceleratorState.__init__ = __init__
+    AcceleratorState._saft_fsdp_on_cpu = True
+
+
 def run_one(out: str, backend: str, grad_accum: int, sync: bool, steps: int, rho: float, variant: str) -> None:
     from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state()  # a fresh accelerator (DDP or DeepSpeed) for every run
+    AcceleratorState._reset_state()  # a fresh accelerator (DDP, DeepSpeed or FSDP2) for every run
     torch.manual_seed(0)
     model = TinyClassifier()
     init = copy.deepcopy(model.state_dict())
+    fsdp = backend.startswith("fsdp2")
+    if fsdp:
+        allow_fsdp_on_cpu()
+    bf16 = backend == "fsdp2bf16"
+    compute_dtypes = []  # dtype of fc1's weight as the forward sees it (bf16 under the mixed-precision policy)
+    model.fc1.register_forward_pre_hook(lambda module, args: compute_dtypes.append(str(module.weight.dtype)))
     args = SAFTTrainingArguments(
         output_dir=os.path.join(out, "trainer"),
         per_device_train_batch_size=4,
@@ -73,9 +148,20 @@ def run_one(out: str, backend: str, grad_accum: int, sync: bool, steps: int, rho
         sam_variant=variant,
         sam_sync_perturbation=sync,
         deepspeed=deepspeed_config(int(backend[-1])) if backend.startswith("zero") else None,
+        # fc1 and fc2 get their own FSDP2 groups, the LayerNorm stays in the root's (min_num_params=20)
+        fsdp=fsdp or None,
+        fsdp_config={"version": 2, "auto_wrap_policy": "SIZE_BASED_WRAP", "min_num_params": 20} if fsdp else None,
+        bf16=bf16,
     )
+    if bf16:  # param_dtype bf16 for compute, float32 gradient reduction and master weights
+        args.fsdp_plugin_args["mixed_precision_policy"] = {
+            "param_dtype": torch.bfloat16, "reduce_dtype": torch.float32, "output_dtype": torch.float32,
+        }
     trainer = RecordingTrainer(model=model, args=args, train_dataset=TinyDataset(n=64))
     trainer.recorded = []
+    trainer.restore_errors = []
+    trainer.first_pass_grad_changes = 0
+    trainer.pending_unsharded_grads = 0  # first passes that ran while FSDP held unreduced gradients
     trainer.train()
 
     rank = trainer.args.process_index
@@ -88,12 +174,18 @@ def run_one(out: str, backend: str, grad_accum: int, sync: bool, steps: int, rho
         with deepspeed.zero.GatheredParameters(list(module.parameters())):
             final = {k: v.detach().clone() for k, v in module.state_dict().items()}
     else:
-        final = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        final = {
+            k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+            for k, v in module.state_dict().items()
+        }
     if rank == 0:
         logs = [entry for entry in trainer.state.log_history if "loss" in entry]
         strategy = {"class": type(trainer.sam_strategy).__name__, "state": trainer.sam_strategy.state_dict()}
         torch.save(
-            {"init": init, "final": final, "logs": logs, "world": trainer.args.world_size, "strategy": strategy},
+            {"init": init, "final": final, "logs": logs, "world": trainer.args.world_size, "strategy": strategy,
+             "restore_errors": trainer.restore_errors, "first_pass_grad_changes": trainer.first_pass_grad_changes,
+             "pending_unsharded_grads": trainer.pending_unsharded_grads, "compute_dtypes": sorted(set(compute_dtypes)),
+             "parameter_types": sorted({type(p).__name__ for p in trainer.model_wrapped.parameters()})},
             os.path.join(out, "result.pt"),
         )
     torch.distributed.barrier()
@@ -110,7 +202,8 @@ def main():
         importlib.import_module(module.strip())  # registers its variants
     for spec in cli.runs:
         backend, grad_accum, mode, *variant = spec.split(":")
-        assert backend in ("ddp", "zero1", "zero2", "zero3") and mode in ("local", "sync") and len(variant) <= 1, spec
+        backends = ("ddp", "zero1", "zero2", "zero3", "fsdp2", "fsdp2bf16")
+        assert backend in backends and mode in ("local", "sync") and len(variant) <= 1, spec
         run_one(os.path.join(cli.out, spec.replace(":", "_")), backend, int(grad_accum), mode == "sync", cli.steps,
                 cli.rho, variant[0] if variant else "asam")
 
