@@ -6,6 +6,8 @@ Public API (used by every command that writes results):
 
 - `check_output(path, inputs=(), overwrite=False, directory=True) -> Path`: all the up-front
   checks, creating nothing - call it before expensive work so a bad output fails in a second.
+- `check_output_directory(path, what, inputs) -> Path`: the same for a directory that is filled
+  in file by file (may exist, must not be a file).
 - `atomic_directory(path, overwrite=False, inputs=()) -> Iterator[Path]`: a temporary directory
   beside `path`, renamed to `path` on success (see its docstring for the guarantees).
 - `atomic_path(path, inputs=()) -> Iterator[Path]`: the same for one file (always replaces).
@@ -68,8 +70,8 @@ def _free_space(path: Path) -> str:
 
 def os_error_message(exc: OSError, output: str | os.PathLike | None = None) -> str:
     """One line saying what went wrong with which path, and what to do about it."""
-    if isinstance(exc, OutputError):
-        return str(exc)
+    if isinstance(exc, OutputError) or (exc.errno is None and exc.filename is None and len(exc.args) == 1):
+        return " ".join(str(exc).split())  # an OSError raised with a message of ours (e.g. ModelPathError)
     name = exc.filename if exc.filename is not None else output
     where = f" {name}" if name is not None else ""
     code = exc.errno
@@ -201,6 +203,16 @@ def check_output(path, inputs: Iterable = (), overwrite: bool = False, directory
         why = "is on a read-only filesystem" if read_only else "is not writable (permission denied)"
         raise OutputError(f"cannot write output {p}: {anc} {why}; choose a writable location")
     return p
+
+
+def check_output_directory(path, what: str = "output", inputs: Iterable = ()) -> Path:
+    """For a directory a command fills in (it may exist; files in it are replaced one by one):
+    `check_output(path, inputs, overwrite=True)`, and refuse an existing non-directory now, before
+    the work, not when the first file is written. Returns `path` as given, as a Path."""
+    p = check_output(path, inputs=inputs, overwrite=True)
+    if os.path.lexists(p) and not p.is_dir():
+        raise OutputError(f"{what} {path} is a file, not a directory; choose a directory (it is created if missing)")
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,16 +449,35 @@ def _remove_created(created: list[Path]) -> None:
             os.rmdir(q)  # only if still empty
 
 
+_ERRNO_IN_TEXT = re.compile(r"(?:os error|Errno|code:)\s*(\d+)")
+
+
+def write_errno(exc: BaseException) -> int | None:
+    """The 'disk full / read-only' errno of `exc`, also when a library wraps it in its own type
+    (safetensors: `SafetensorError: ... Os { code: 28 ... }`); None for anything else."""
+    if isinstance(exc, OSError):
+        return exc.errno if exc.errno in _WRITE_ERRNOS else None
+    text = str(exc)
+    for match in _ERRNO_IN_TEXT.finditer(text):
+        if int(match.group(1)) in _WRITE_ERRNOS:
+            return int(match.group(1))
+    if "No space left on device" in text:
+        return errno.ENOSPC
+    return None
+
+
 @contextlib.contextmanager
 def _output_errors(p: Path) -> Iterator[None]:
-    """Turn 'disk full / read-only / ...' OSErrors raised while writing `p` into OutputError."""
+    """Turn 'disk full / read-only / ...' errors raised while writing `p` into OutputError."""
     try:
         yield
     except OutputError:
         raise
-    except OSError as exc:
-        if exc.errno in _WRITE_ERRNOS:
-            raise OutputError(os_error_message(exc, output=p)) from exc
+    except Exception as exc:
+        code = write_errno(exc)
+        if code is not None:
+            err = exc if isinstance(exc, OSError) else OSError(code, os.strerror(code))
+            raise OutputError(os_error_message(err, output=p)) from exc
         raise
 
 

@@ -21,6 +21,7 @@ import argparse
 import importlib
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -115,35 +116,51 @@ def run(args, build_probe: Callable[[list[str], dict[str, dict[str, str]]], obje
 
     from saft_hf.analysis.checkpoints import load_state_dict, task_vectors_from_checkpoints
     from saft_hf.analysis.run import run_all
+    from saft_hf.io_utils import check_output_directory
+    from saft_hf.model_paths import check_model_path
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
+    try:  # usage errors: exit 2, like argparse's
         checkpoints = parse_methods(args.method)
         if args.checkpoints_root:
             for name, by_task in discover_checkpoints(args.checkpoints_root).items():
                 checkpoints.setdefault(name, by_task)
         if not checkpoints:
             raise ValueError("no fine-tuned checkpoints: give --method NAME TASK=DIR ... or --checkpoints-root DIR")
-        tasks = list(dict.fromkeys(t for by_task in checkpoints.values() for t in by_task))
-        if args.probe_factory:
-            probe = _factory_probe(args.probe_factory, args.pretrained, tasks)
-        elif build_probe is not None:
-            probe = build_probe(tasks, checkpoints)
-        else:
+        if not args.probe_factory and build_probe is None:
             raise ValueError("no probe: pass --probe-factory MODULE:FUNCTION or run through `saft-hf analyze --family`")
-    except (ValueError, FileNotFoundError, KeyError, ImportError) as err:
-        print(f"saft-hf analyze: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"saft-hf analyze: error: {err.args[0] if isinstance(err, KeyError) and err.args else err}",
+              file=sys.stderr)
         return 2
+    # Everything that can be checked without loading a model, before the (long) probe and analyses
+    # (failures from here on are one `saft-hf analyze: error:` line via saft_hf.cli.run_command).
+    check_model_path(args.pretrained, "--pretrained")
+    for by_task in checkpoints.values():
+        for task, path in by_task.items():
+            check_model_path(path, f"checkpoint of task {task!r}")
+    inputs = [args.pretrained, *(p for by_task in checkpoints.values() for p in by_task.values())]
+    out = check_output_directory(args.output, "--output", inputs=inputs)  # an existing directory is filled in
+    tasks = list(dict.fromkeys(t for by_task in checkpoints.values() for t in by_task))
+    probe = (_factory_probe(args.probe_factory, args.pretrained, tasks) if args.probe_factory
+             else build_probe(tasks, checkpoints))
     theta0 = {probe.canonical_key(k): v for k, v in load_state_dict(args.pretrained).items()
               if _known(probe, k)}
     vectors = {name: task_vectors_from_checkpoints(theta0, by_task) for name, by_task in checkpoints.items()}
-    summary = run_all(
-        probe, theta0, vectors, args.output, analyses=args.analyses, tasks=args.pair, grid_size=args.grid_size,
-        grid_range=tuple(args.grid_range), others_coefficient=args.others_coefficient, ctl_lambda=args.ctl_lambda,
-        hessian_gammas=args.hessian_gammas, hessian_max_iter=args.hessian_max_iter, hessian_tol=args.hessian_tol,
-        barrier_steps=args.barrier_steps, merge_scaling=args.merge_scaling, progress=not args.no_progress,
-    )
+    created = not out.exists()
+    try:
+        summary = run_all(
+            probe, theta0, vectors, args.output, analyses=args.analyses, tasks=args.pair, grid_size=args.grid_size,
+            grid_range=tuple(args.grid_range), others_coefficient=args.others_coefficient,
+            ctl_lambda=args.ctl_lambda, hessian_gammas=args.hessian_gammas, hessian_max_iter=args.hessian_max_iter,
+            hessian_tol=args.hessian_tol, barrier_steps=args.barrier_steps, merge_scaling=args.merge_scaling,
+            progress=not args.no_progress,
+        )
+    except BaseException:
+        if created and out.is_dir():  # ours alone: a failed run leaves nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     print(json.dumps(summary["diagnostics"], indent=2))
     print(f"wrote {len(summary['files'])} files to {args.output}: {', '.join(summary['files'])}")
     return 0

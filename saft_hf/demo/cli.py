@@ -58,13 +58,19 @@ def config_from_args(args):
 
 def run(args) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from saft_hf.demo.sources import CacheError, SourceUnavailable
     from saft_hf.demo.study import run_study
 
     cfg = config_from_args(args)
     try:
         study = run_study(cfg)
-    except RuntimeError as err:
-        print(f"saft-hf demo: {err}", file=sys.stderr)
+    except (SourceUnavailable, CacheError) as err:  # data that cannot be fetched or a damaged cache entry
+        print("saft-hf demo: error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 1
+    except RuntimeError as err:  # the study's own checks (e.g. too few tasks); other errors: saft_hf.cli
+        if type(err) is not RuntimeError:
+            raise
+        print("saft-hf demo: error: " + " ".join(str(err).split()), file=sys.stderr)
         return 1
     from saft_hf.demo.report import markdown
 

@@ -37,7 +37,9 @@ def _training_signature(checkpoints: dict[str, dict[str, str]]) -> dict:
 def build_probe(args: argparse.Namespace, tasks: list[str], checkpoints: dict[str, dict[str, str]]):
     """Evaluation subsets and heads of the demo's text tasks, matching how the checkpoints were trained."""
     from saft_hf.analysis.probe import TaskProbe
+    from saft_hf.demo.model import check_text_encoder
 
+    check_text_encoder(args.pretrained)  # a ViT / T5 is named here, not deep inside a forward pass
     record = _training_signature(checkpoints)
     logit_scale = args.logit_scale if args.logit_scale is not None else record.get("logit_scale")
     pool = demo_task_pool(args.pretrained, tasks, cache_dir=args.cache_dir, logit_scale=logit_scale,

@@ -26,13 +26,66 @@ def default_model_path() -> str:
 def load_encoder(model: str) -> nn.Module:
     from transformers import AutoModel
 
-    return AutoModel.from_pretrained(model)
+    from saft_hf.model_paths import hub_load_errors
+
+    with hub_load_errors(model, "model"):
+        return AutoModel.from_pretrained(model)
+
+
+# Files one of which every saved tokenizer has (fast tokenizer, WordPiece, BPE, SentencePiece).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
 
 
 def load_tokenizer(model: str):
-    from transformers import AutoTokenizer
+    """The model's tokenizer, refused if it cannot be the model's: no tokenizer files in a local
+    model directory, or a vocabulary that does not fit the model's embedding matrix (transformers
+    would otherwise build a few-token tokenizer that maps every word to [UNK])."""
+    import os
 
-    return AutoTokenizer.from_pretrained(model)
+    from transformers import AutoConfig, AutoTokenizer
+
+    from saft_hf.model_paths import hub_load_errors
+
+    fix = (f"save the base model's tokenizer there (AutoTokenizer.from_pretrained(BASE).save_pretrained('{model}')) "
+           "or pass --model the directory or Hub name the model came from")
+    if os.path.isdir(model) and not any(os.path.exists(os.path.join(model, f)) for f in TOKENIZER_FILES):
+        raise ValueError(f"model directory {model} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); {fix}")
+    with hub_load_errors(model, "model"):
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        config = AutoConfig.from_pretrained(model)
+    vocab_size = getattr(config, "vocab_size", None)
+    # Embedding matrices are often padded past the tokenizer (to a multiple of 64, ...), never to
+    # twice its size; more tokens than embeddings would index out of range.
+    if vocab_size and not (vocab_size / 2 <= len(tokenizer) <= vocab_size):
+        raise ValueError(f"the tokenizer in {model} has {len(tokenizer)} tokens but the model's vocabulary has "
+                         f"{vocab_size} (config.json vocab_size): they do not belong together; {fix}")
+    return tokenizer
+
+
+# Model types that take images (or both images and text) rather than token ids alone.
+_NOT_TEXT = ("vit", "clip", "siglip", "deit", "beit", "swin", "convnext", "resnet", "dinov2", "blip", "llava")
+
+
+def check_text_encoder(model: str) -> None:
+    """Refuse a model the demo cannot use: it needs a text encoder fed `input_ids` alone (BERT,
+    MiniLM, RoBERTa, ...), not an image model or an encoder-decoder (T5), whose forward would fail
+    deep inside with 'You must specify exactly one of input_ids or inputs_embeds'."""
+    from transformers import AutoConfig
+
+    from saft_hf.model_paths import hub_load_errors
+
+    with hub_load_errors(model, "model"):
+        config = AutoConfig.from_pretrained(model)
+    kind = getattr(config, "model_type", "?")
+    why = None
+    if getattr(config, "is_encoder_decoder", False):
+        why = "an encoder-decoder model"
+    elif kind.split("_")[0] in _NOT_TEXT or kind in _NOT_TEXT or getattr(config, "vocab_size", None) is None:
+        why = "not a text-only model"
+    if why:
+        raise ValueError(f"model {model} is a {kind!r} checkpoint ({why}); the demo family needs a text encoder "
+                         "that takes token ids (BERT, MiniLM, RoBERTa, ... e.g. the default all-MiniLM-L6-v2)")
 
 
 @dataclass

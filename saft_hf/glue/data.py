@@ -73,7 +73,14 @@ def load_glue_split(
     else:
         import datasets
 
-        dataset = datasets.load_dataset(dataset_name, task.config_name, split=split)
+        from saft_hf.model_paths import ModelPathError
+
+        try:
+            dataset = datasets.load_dataset(dataset_name, task.config_name, split=split)
+        except ConnectionError:  # offline and not cached: say what to pass instead
+            raise ModelPathError(f"dataset {dataset_name} ({task.config_name}) is not cached and the Hugging Face Hub "
+                                 f"is unreachable (offline?); pass local data with --data {task.name}=PATH or "
+                                 "--data_root DIR", dataset_name) from None
     if max_samples is not None and max_samples < len(dataset):
         dataset = dataset.shuffle(seed=seed).select(range(max_samples))
     if validate:

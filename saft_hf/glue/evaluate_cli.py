@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from saft_hf.tasks.glue import GLUE_HUB_DATASET, GLUE_TASKS, PAPER_TASKS, SCORE_KINDS, get_task
@@ -120,16 +119,17 @@ def evaluate_glue_model(
 
 
 def run(args: argparse.Namespace) -> int:
+    """Errors are raised with messages naming the input (bad paths, unreachable Hub, bad data rows);
+    `saft_hf.cli.run_command` prints them as one `saft-hf evaluate: error:` line (exit 1)."""
+    from saft_hf.io_utils import check_output_directory
+    from saft_hf.model_paths import check_model_path
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return _run(args)
-    except (OSError, KeyError, ValueError) as exc:  # bad paths, unreachable Hub, bad data rows: say which, no traceback
-        print(f"saft-hf evaluate glue: error: {exc}", file=sys.stderr)
-        return 1
-
-
-def _run(args: argparse.Namespace) -> int:
     tasks = [get_task(t).name for t in args.tasks]
+    check_model_path(args.model, "--model")
+    if args.tokenizer:
+        check_model_path(args.tokenizer, "--tokenizer")
+    check_output_directory(args.output_dir, "--output_dir", inputs=[args.model])
     if args.merge_study:
         return _run_merge_study(args, tasks)
     data_paths = {}

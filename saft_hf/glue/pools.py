@@ -39,7 +39,10 @@ class GlueTaskPool(TaskPool):
         if isinstance(tokenizer, (str, os.PathLike)):
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+            from saft_hf.model_paths import hub_load_errors
+
+            with hub_load_errors(tokenizer, "tokenizer"):
+                tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
         self.model, self.tokenizer, self.score = model, tokenizer, score
         self.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.splits = {"validation": "validation", "test": test_split}

@@ -21,15 +21,25 @@ def load_seq2seq_model(name_or_path: str | os.PathLike, torch_dtype=None):
     """A seq2seq LM from a Hub name or model dir; a PEFT adapter dir is loaded on its base and merged in."""
     from transformers import AutoModelForSeq2SeqLM
 
+    from saft_hf.model_paths import hub_load_errors
+
     dtype = {} if torch_dtype is None else {"dtype": torch_dtype}
     path = Path(name_or_path)
     if (path / "adapter_config.json").exists():
         from peft import PeftConfig, PeftModel
 
         base_name = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
-        base = AutoModelForSeq2SeqLM.from_pretrained(base_name, **dtype)
+        with hub_load_errors(base_name, f"base model of adapter {path}"):
+            base = AutoModelForSeq2SeqLM.from_pretrained(base_name, **dtype)
         return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
-    return AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path), **dtype)
+    from transformers import AutoConfig
+
+    with hub_load_errors(name_or_path, "model"):
+        config = AutoConfig.from_pretrained(str(name_or_path))
+        if not getattr(config, "is_encoder_decoder", False):  # else a page-long "Unrecognized configuration"
+            raise ValueError(f"model {name_or_path} is a {config.model_type!r} checkpoint; GLUE evaluation needs a "
+                             "seq2seq model (T5 / Flan-T5, as the GLUE recipe fine-tunes) or a PEFT adapter of one")
+        return AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path), **dtype)
 
 
 def tied_parameter_groups(model: torch.nn.Module) -> list[list[str]]:
@@ -190,11 +200,14 @@ def make_glue_evaluator(
     tokenizer defaults to the one saved with the model dir. Extra keyword arguments go to
     `GlueEvaluator` (data_paths, dataset_name, batch_size, max_new_tokens, score, ...).
     """
+    from saft_hf.model_paths import hub_load_errors
+
     if isinstance(model_dir_or_model, (str, os.PathLike)):
         if tokenizer is None:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(str(model_dir_or_model))
+            with hub_load_errors(model_dir_or_model, "model"):
+                tokenizer = AutoTokenizer.from_pretrained(str(model_dir_or_model))
         model = load_seq2seq_model(model_dir_or_model)
     else:
         model = model_dir_or_model
@@ -203,5 +216,6 @@ def make_glue_evaluator(
     if isinstance(tokenizer, (str, os.PathLike)):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        with hub_load_errors(tokenizer, "tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     return GlueEvaluator(tasks, model, tokenizer, split=split, max_samples=max_samples, **kwargs)

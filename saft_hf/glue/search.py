@@ -114,9 +114,11 @@ def export_pretrained(name_or_path: str | os.PathLike, output_dir: str | os.Path
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     from saft_hf.io_utils import atomic_directory
+    from saft_hf.model_paths import hub_load_errors
 
-    model = AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path))
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    with hub_load_errors(name_or_path, "pretrained model"):
+        model = AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     with atomic_directory(output_dir, inputs=[name_or_path]) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))

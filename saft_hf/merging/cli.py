@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import sys
 from pathlib import Path
 
 EPILOG = """\
@@ -69,12 +67,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _fail(message: str) -> int:
-    # exactly one line, whatever the exception text holds (torch/safetensors errors span lines)
-    print("saft-hf merge: error: " + " ".join(str(message).split()), file=sys.stderr)
-    return 1
-
-
 def load_config(path):
     """The MergeConfig in YAML file `path`; unreadable / malformed files get a message naming it."""
     import yaml
@@ -99,27 +91,15 @@ def load_config(path):
 
 
 def run(args) -> int:
-    from ..io_utils import os_error_message
-    from .io import CheckpointError
+    """Errors are raised, not printed: `saft_hf.cli.run_command` turns every one (OSError via
+    `io_utils.os_error_message`, our ValueError / CheckpointError messages, bugs) into one line."""
     from .pipeline import merge_models
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_config(args.config)
-        if args.max_shard_size:
-            config.max_shard_size = args.max_shard_size
-        report = merge_models(config, args.output, overwrite=args.overwrite, progress=not args.no_progress)
-    except OSError as exc:  # disk full, read-only, permissions, output refusals (io_utils.OutputError)
-        return _fail(os_error_message(exc, output=args.output))
-    except (CheckpointError, ValueError, KeyError) as exc:
-        return _fail(str(exc) if not isinstance(exc, KeyError) else exc.args[0] if exc.args else repr(exc))
-    except MemoryError:
-        return _fail("out of memory; merge fewer or smaller models at once, or use a machine with more RAM")
-    except Exception as exc:  # a bug: still one line, the traceback on request
-        if os.environ.get("SAFT_HF_DEBUG"):
-            raise
-        return _fail(f"unexpected {type(exc).__name__}: {exc} (a bug in saft-hf; run again with SAFT_HF_DEBUG=1 "
-                     "for the traceback and report it)")
+    config = load_config(args.config)
+    if args.max_shard_size:
+        config.max_shard_size = args.max_shard_size
+    report = merge_models(config, args.output, overwrite=args.overwrite, progress=not args.no_progress)
     for note in report.get("notes", []):
         print(f"note: {note}")
     print(f"merged {report['merged_tensors']} tensors with {report['method']} into {args.output} "

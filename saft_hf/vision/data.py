@@ -28,13 +28,21 @@ def load_task_dataset(task: VisionTask, data_path: str | os.PathLike | None = No
     """
     import datasets
 
+    from saft_hf.model_paths import ModelPathError, check_model_path
+
     source = os.fspath(data_path) if data_path else task.dataset
-    if os.path.isdir(source) and (Path(source, "dataset_dict.json").exists() or Path(source, "state.json").exists()):
-        ds = datasets.load_from_disk(source)
-    elif os.path.isdir(source):
-        ds = datasets.load_dataset(source, cache_dir=cache_dir)
-    else:
-        ds = datasets.load_dataset(source, task.config if not data_path else None, cache_dir=cache_dir)
+    if data_path:
+        check_model_path(source, f"dataset of task {task.name!r}", hub_kind="dataset")
+    try:
+        if os.path.isdir(source) and (Path(source, "dataset_dict.json").exists() or Path(source, "state.json").exists()):
+            ds = datasets.load_from_disk(source)
+        elif os.path.isdir(source):
+            ds = datasets.load_dataset(source, cache_dir=cache_dir)
+        else:
+            ds = datasets.load_dataset(source, task.config if not data_path else None, cache_dir=cache_dir)
+    except ConnectionError:  # the Hub is unreachable and nothing is cached: say what to pass instead
+        raise ModelPathError(f"dataset {source} of task {task.name!r} is not cached and the Hugging Face Hub is "
+                             f"unreachable (offline?); pass a local copy with --data {task.name}=PATH", source) from None
     if isinstance(ds, datasets.Dataset):
         raise ValueError(f"{source} holds a single Dataset; task {task.name!r} needs a DatasetDict with splits "
                          f"{task.train_split!r} and {task.test_split!r}")

@@ -71,7 +71,11 @@ def read_finetuned_accuracy(sources: Iterable[str], split: str = "test") -> dict
         if not path.is_file():
             raise FileNotFoundError(f"fine-tuned accuracy file {path} not found (the fine-tuning recipe writes "
                                     f"{SCORE_FILE} and {FINETUNED_ACCURACY_FILE} into its output directory)")
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"fine-tuned accuracy file {path} is not valid JSON ({err}); give the "
+                             f"{FINETUNED_ACCURACY_FILE} the fine-tuning recipe wrote") from None
         if isinstance(data, dict) and data.get("schema") == SCORE_SCHEMA:  # the unified score file
             record = read_finetuned_scores(path)
             references[record.task] = record.score(split)
@@ -110,12 +114,14 @@ def evaluate_vision_model(model: str, tasks, base_model: str | None = None, data
     """The report dict (`saft_hf.evaluation.summarize` plus run details) for one encoder."""
     from saft_hf.evaluation import summarize
     from saft_hf.vision.evaluate import VisionEvaluator
-    from saft_hf.vision.model import DEFAULT_CLIP_MODEL, load_vision_encoder
+    from saft_hf.vision.model import DEFAULT_CLIP_MODEL, clip_config, load_vision_encoder
 
     base_model = base_model or _recorded_base_model(model) or DEFAULT_CLIP_MODEL
+    clip_config(model, "--model")  # a missing path or a BERT / ViT fails here, before data and heads
+    clip_config(base_model, "--base-model", full=True)
+    weights = load_vision_encoder(model).state_dict()
     evaluator = VisionEvaluator(tasks, base_model=base_model, split=split, data_paths=data_paths,
                                 linearized=linearized, **evaluator_kwargs)
-    weights = load_vision_encoder(model).state_dict()
     absolute = evaluator(weights)
     finetuned = {t: v for t, v in (finetuned or {}).items() if t in absolute} or None
     if finetuned is not None and len(finetuned) < len(absolute):
@@ -130,17 +136,24 @@ def evaluate_vision_model(model: str, tasks, base_model: str | None = None, data
 
 
 def run(args: argparse.Namespace) -> int:
+    """Errors are raised with messages naming the input; `saft_hf.cli.run_command` prints them as one
+    `saft-hf evaluate: error:` line (exit 1)."""
     from saft_hf.evaluation import markdown_table
-    from saft_hf.io_utils import write_json_atomic, write_text_atomic
+    from saft_hf.io_utils import check_output_directory, write_json_atomic, write_text_atomic
+    from saft_hf.tasks.vision import get_vision_task
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    tasks = [get_vision_task(t).name for t in args.tasks]  # an unknown task fails before any loading
+    data_paths = _parse_data(args.data)
     if args.merge_study:
         return _run_merge_study(args)
     if not args.model:
-        raise SystemExit("saft-hf evaluate vision: give --model DIR (or --merge-study RUN_DIR ...)")
+        raise ValueError("give --model DIR (or --merge-study RUN_DIR ...)")
+    if args.output_dir:
+        check_output_directory(args.output_dir, "--output-dir", inputs=[args.model])
     finetuned = read_finetuned_accuracy(args.finetuned_accuracy, args.split) if args.finetuned_accuracy else None
     report = evaluate_vision_model(
-        args.model, args.tasks, args.base_model, _parse_data(args.data), args.split, finetuned, args.linearized,
+        args.model, tasks, args.base_model, data_paths, args.split, finetuned, args.linearized,
         head_cache_dir=args.head_cache_dir, max_samples=args.max_samples, batch_size=args.batch_size,
         device=args.device)
     table = markdown_table({args.name or str(args.model): report}, report["tasks"])
@@ -156,8 +169,18 @@ def run(args: argparse.Namespace) -> int:
 def _run_merge_study(args: argparse.Namespace) -> int:
     from saft_hf.vision.merge_study import run_merge_study
 
+    from saft_hf.io_utils import check_output_directory
+
     if not args.output_dir:
-        raise SystemExit("saft-hf evaluate vision --merge-study: give --output-dir")
+        raise ValueError("--merge-study: give --output-dir")
+    from saft_hf.model_paths import check_model_path
+
+    for run_dir in args.merge_study:
+        check_model_path(run_dir, "--merge-study run directory")
+        if not Path(run_dir).is_dir():
+            raise NotADirectoryError(f"--merge-study {run_dir} is not a directory; give the fine-tuning runs' output "
+                                     "directories (one per task)")
+    check_output_directory(args.output_dir, "--output-dir", inputs=args.merge_study)
     report = run_merge_study(args.merge_study, args.output_dir, args.base_model, data_paths=_parse_data(args.data),
                              search_max_samples=args.search_max_samples, test_max_samples=args.max_samples,
                              head_cache_dir=args.head_cache_dir, batch_size=args.batch_size, device=args.device)

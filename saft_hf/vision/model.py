@@ -41,7 +41,7 @@ def default_head_cache_dir() -> Path:
 
 def load_vision_encoder(model_name_or_path: str, attn_implementation: str | None = None, dtype=None):
     """`CLIPVisionModelWithProjection` from a full CLIP checkpoint or a saved vision-only one."""
-    from transformers import AutoConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection
 
     kwargs = {}
     if attn_implementation:
@@ -49,7 +49,7 @@ def load_vision_encoder(model_name_or_path: str, attn_implementation: str | None
     if dtype is not None:
         kwargs["dtype"] = dtype
     name = resolve_model_name(model_name_or_path)
-    config = AutoConfig.from_pretrained(name)
+    config = clip_config(name)
     if config.model_type == "clip":
         # A full CLIP checkpoint: the projection size is a top-level field that the vision sub-config
         # does not always repeat (its own default is 512; ViT-L/14 projects to 768).
@@ -61,6 +61,28 @@ def load_vision_encoder(model_name_or_path: str, attn_implementation: str | None
         with _transformers_log_level(logging.ERROR):
             return CLIPVisionModelWithProjection.from_pretrained(name, **kwargs)
     return CLIPVisionModelWithProjection.from_pretrained(name, **kwargs)
+
+
+CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
+
+
+def clip_config(name: str, what: str = "model", full: bool = False):
+    """The config of CLIP checkpoint `name`; a missing path, an unreachable Hub name, or another
+    architecture (BERT, ViT, ...) is refused with a message naming it. `full`: the text tower is
+    needed too (zero-shot heads), so a vision-only checkpoint is refused."""
+    from transformers import AutoConfig
+
+    from saft_hf.model_paths import hub_load_errors
+
+    with hub_load_errors(name, what):
+        config = AutoConfig.from_pretrained(name)
+    kinds = ("clip",) if full else CLIP_MODEL_TYPES
+    if config.model_type not in kinds:
+        need = ("a full CLIP checkpoint (CLIPModel: image and text towers, for the zero-shot heads)" if full else
+                "a CLIP image encoder (CLIPVisionModelWithProjection, as the vision recipe and `saft-hf merge` "
+                "write) or a full CLIP checkpoint")
+        raise ValueError(f"{what} {name} is a {config.model_type!r} checkpoint; the vision family needs {need}")
+    return config
 
 
 @contextlib.contextmanager
@@ -79,7 +101,11 @@ def load_image_processor(model_name_or_path: str):
     """The model's `CLIPImageProcessor` (PIL backend when torchvision is absent)."""
     from transformers import AutoImageProcessor
 
-    return AutoImageProcessor.from_pretrained(resolve_model_name(model_name_or_path))
+    from saft_hf.model_paths import hub_load_errors
+
+    name = resolve_model_name(model_name_or_path)
+    with hub_load_errors(name, "base model"):
+        return AutoImageProcessor.from_pretrained(name)
 
 
 def head_cache_path(model_name_or_path: str, task: VisionTask, class_names: Sequence[str],
@@ -112,6 +138,7 @@ def build_zero_shot_head(model_name_or_path: str, task: VisionTask, class_names:
     from transformers import AutoTokenizer, CLIPModel
 
     name = resolve_model_name(model_name_or_path)
+    clip_config(name, "base model", full=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     clip = CLIPModel.from_pretrained(name).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(name)
