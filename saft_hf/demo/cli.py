@@ -26,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training seeds; several give mean and spread (default 0)")
     parser.add_argument("--methods", nargs="+", default=list(d.methods), choices=["adamw", "asam"],
                         help="fine-tuning methods to compare (default both)")
+    parser.add_argument("--merges", nargs="+", default=None, metavar="METHOD",
+                        help="merge methods to run (default: the registry's study methods). Names of registered "
+                        "methods (e.g. regmean fisher_merging adamerging, which read the tasks' unlabeled inputs "
+                        "through the demo's heads), 'study' for the default set, 'all' for every method")
     parser.add_argument("--steps", type=int, default=None, help=f"fine-tuning steps per task (default {d.train_steps}; --quick {QUICK_OVERRIDES['train_steps']})")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
     parser.add_argument("--lr", type=float, default=d.learning_rate, help=f"AdamW learning rate (default {d.learning_rate:g})")
@@ -50,7 +54,8 @@ def config_from_args(args):
     if args.max_test is not None:
         overrides["max_test"] = args.max_test
     return StudyConfig(model=args.model, tasks=tuple(args.tasks), seeds=tuple(args.seeds),
-                       methods=tuple(args.methods), batch_size=args.batch_size, learning_rate=args.lr,
+                       methods=tuple(args.methods), merges=tuple(args.merges) if args.merges else None,
+                       batch_size=args.batch_size, learning_rate=args.lr,
                        asam_rho=args.asam_rho, max_length=args.max_length, logit_scale=args.logit_scale,
                        cache_dir=args.cache_dir, output_dir=args.output, threads=args.threads,
                        analysis=(not args.quick) if args.analysis is None else args.analysis, **overrides)
@@ -61,6 +66,14 @@ def run(args) -> int:
     from saft_hf.demo.study import run_study
 
     cfg = config_from_args(args)
+    from saft_hf.demo.study import merge_names
+    from saft_hf.merging import registry
+
+    unknown = [n for n in (merge_names(cfg.merges) or []) if n not in registry.search_names()]
+    if unknown:
+        print(f"saft-hf demo: unknown --merges {unknown}; choose from {registry.search_names()}, 'study' or 'all'",
+              file=sys.stderr)
+        return 1
     try:
         study = run_study(cfg)
     except RuntimeError as err:

@@ -49,6 +49,9 @@ class StudyConfig:
     tasks: Sequence[str] = DEFAULT_TASKS
     seeds: Sequence[int] = (0,)
     methods: Sequence[str] = ("adamw", "asam")
+    # Merge methods (table rows): None = the registry's study methods; names of registered methods
+    # or search aliases, "study" (the default set) and "all" (every registered method) may be mixed.
+    merges: Sequence[str] | None = None
     max_length: int = 48
     train_steps: int = 40
     batch_size: int = 16
@@ -299,7 +302,23 @@ def study_methods(cfg: StudyConfig):
     fixed-coefficient ablation at `cfg.fixed_alpha`, through the shared study driver."""
     from saft_hf.evaluation.study import default_study_methods
 
-    return default_study_methods(grids=cfg.grid_overrides(), fixed_coefficient=cfg.fixed_alpha)
+    return default_study_methods(merge_names(cfg.merges), grids=cfg.grid_overrides(),
+                                 fixed_coefficient=cfg.fixed_alpha)
+
+
+def merge_names(merges: Sequence[str] | None) -> list[str] | None:
+    """The merge methods of `--merges`: "study" = the registry's study methods, "all" = every
+    registered method (data-reading ones read the demo tasks' inputs), others by name; duplicates dropped."""
+    from saft_hf.merging import registry
+
+    if not merges:
+        return None
+    out: list[str] = []
+    for name in merges:
+        expanded = (registry.method_names(study_only=True) if name == "study"
+                    else registry.method_names() if name == "all" else [name])
+        out += [n for n in expanded if n not in out]
+    return out
 
 
 def _demo_row(row: dict) -> dict:
