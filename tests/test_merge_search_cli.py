@@ -244,3 +244,85 @@ def test_demo_merges_option():
     assert demo_study.merge_names(("all",)) == registry.method_names()
     assert demo_study.merge_names(None) is None
     assert [m.name for m in demo_study.study_methods(cfg) if not m.ablation] == names
+
+
+# --- GLUE (tiny T5): a family evaluator through the command layer, and the GLUE adapter ------------
+
+GLUE_TASKS = ("sst2", "rte")
+
+
+@pytest.fixture(scope="module")
+def glue(tmp_path_factory):
+    from saft_hf.testing.glue import tiny_t5, tiny_tokenizer, write_tiny_glue
+
+    root = tmp_path_factory.mktemp("search_glue")
+    tok = tiny_tokenizer()
+    base = tiny_t5(tok, d_model=16)
+    base.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    data = {t: str(p) for t, p in write_tiny_glue(root / "data", GLUE_TASKS, train_size=12,
+                                                   validation_size=8).items()}
+    for k, task in enumerate(GLUE_TASKS):
+        torch.manual_seed(k + 1)
+        model = tiny_t5(tok, d_model=16)
+        model.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        model.save_pretrained(root / task)
+        tok.save_pretrained(root / task)
+    return root, data
+
+
+def _glue_config(root, data, tmp_path, **evaluator):
+    cfg = {"pretrained": str(root / "base"), "models": [{"name": t, "path": str(root / t)} for t in GLUE_TASKS],
+           "method": "task_arithmetic", "search": {"grid": {"scaling": [0.5, 1.0]}},
+           "evaluator": {"family": "glue", "data_paths": data, "batch_size": 8, "device": "cpu", **evaluator}}
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_search_cli_glue_family_evaluator(glue, tmp_path, capsys):
+    from saft_hf.glue.pools import GlueTaskPool
+
+    root, data = glue
+    out = tmp_path / "merged"
+    path = _glue_config(root, data, tmp_path, test_split="validation")
+    assert main(["merge", str(path), "--search", "--output", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "search_report.json").read_text())
+    assert report["evaluator"] == "family glue" and len(report["points"]) == 2
+    pool = GlueTaskPool(GLUE_TASKS, str(root / "base"), data_paths=data, batch_size=8, device="cpu")
+    on_disk = merging.open_source(str(out))
+    merged = {k: on_disk.get(k) for k in on_disk.keys()}
+    on_disk.close()
+    assert report["test"]["scores"] == pool.evaluate(merged, "validation")
+    # GLUE hides test labels: without test_split the tiny data has no test split -> one line, nothing written
+    out2 = tmp_path / "merged2"
+    assert main(["merge", str(_glue_config(root, data, tmp_path)), "--search", "--output", str(out2),
+                 "--no-progress"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "saft-hf merge: error:" in line]
+    assert len(errors) == 1 and "failed on the test split" in errors[0] and "'test' not in" in errors[0]
+    assert not out2.exists()
+
+
+def test_glue_merge_data_logits_are_first_step_label_word_logits(glue):
+    from saft_hf.glue.pools import GlueTaskPool
+    from saft_hf.tasks.glue import get_task
+
+    root, data = glue
+    pool = GlueTaskPool(GLUE_TASKS, str(root / "base"), data_paths=data, batch_size=8, device="cpu",
+                        test_split="validation")
+    md = pool.merge_data(max_examples=6)
+    state = {k: v.clone() for k, v in pool.model.state_dict().items()}
+    model = md.model(state)
+    batches = list(md.batches("rte", "train"))
+    assert sum(b["input_ids"].shape[0] for b in batches) == 6
+    words = [pool.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in get_task("rte").label_words]
+    with torch.no_grad():
+        got = md.logits(model, batches[0], "rte")
+        start = torch.full((batches[0]["input_ids"].shape[0], 1), model.config.decoder_start_token_id)
+        full = model(**batches[0], decoder_input_ids=start).logits[:, 0]
+    torch.testing.assert_close(got, full[:, words])
+    assert md.fingerprint("rte", "train") != md.fingerprint("rte", "validation")
+    assert md.fingerprint("rte", "train") == pool.merge_data(max_examples=6).fingerprint("rte", "train")
