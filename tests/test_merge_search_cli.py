@@ -243,6 +243,8 @@ def test_demo_merges_option():
     assert names == [*registry.method_names(study_only=True), "regmean", "adamerging"]
     assert demo_study.merge_names(("all",)) == registry.method_names()
     assert demo_study.merge_names(None) is None
+    with pytest.raises(ValueError, match="unknown merge method"):
+        demo_study.merge_names(("regmeen",))
     assert [m.name for m in demo_study.study_methods(cfg) if not m.ablation] == names
 
 
@@ -326,3 +328,85 @@ def test_glue_merge_data_logits_are_first_step_label_word_logits(glue):
     torch.testing.assert_close(got, full[:, words])
     assert md.fingerprint("rte", "train") != md.fingerprint("rte", "validation")
     assert md.fingerprint("rte", "train") == pool.merge_data(max_examples=6).fingerprint("rte", "train")
+
+
+def test_glue_merge_study_with_merges_option(glue, tmp_path):
+    from saft_hf.glue.search import run_glue_merge_study
+    from saft_hf.pools import FinetunedScores
+
+    root, data = glue
+    for t in GLUE_TASKS:
+        FinetunedScores(t, "glue", "accuracy", {"validation": 0.5}, str(root / "base")).write(root / t)
+    result = run_glue_merge_study(root / "base", {t: root / t for t in GLUE_TASKS}, tmp_path / "study",
+                                  merges=["regmean"], alphas=None, data_paths=data, batch_size=8, device="cpu",
+                                  progress=False)
+    assert list(result["methods"])[0] == "regmean" and "ties" not in result["methods"]
+    assert result["methods"]["regmean"]["search"] is None  # RegMean declares no grid: merged at its defaults
+    from saft_hf.glue.pools import GlueTaskPool, glue_model_pool
+
+    mp = glue_model_pool(str(root / "base"), {t: str(root / t) for t in GLUE_TASKS})
+    pool = GlueTaskPool(GLUE_TASKS, str(root / "base"), data_paths=data, batch_size=8, device="cpu")
+    merged = merging.regmean({t: mp.finetuned_state_dict(t) for t in GLUE_TASKS}, pool.merge_data())
+    assert result["methods"]["regmean"]["absolute"] == pool.evaluate(merged, "validation")
+
+
+# --- vision (tiny CLIP): the adapter and a data-reading merge in the vision study ------------------
+
+VISION_TASKS = ("eurosat", "dtd")
+
+
+@pytest.fixture(scope="module")
+def vision(tmp_path_factory):
+    from saft_hf.pools import FinetunedScores
+    from saft_hf.testing.vision import build_tiny_setup
+    from saft_hf.vision.model import load_vision_encoder
+
+    root = tmp_path_factory.mktemp("search_vision")
+    tiny = build_tiny_setup(root)
+    clip = str(tiny["clip"])
+    for k, task in enumerate(VISION_TASKS):
+        torch.manual_seed(k + 1)
+        enc = load_vision_encoder(clip)
+        with torch.no_grad():
+            for p in enc.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        enc.save_pretrained(root / "runs" / task)
+        FinetunedScores(task, "vision", "accuracy", {"validation": 0.5, "test": 0.5}, clip,
+                        {"linearized": False}).write(root / "runs" / task)
+    return root, clip, {t: str(p) for t, p in tiny["data"].items()}
+
+
+def test_vision_merge_data_logits_are_the_zero_shot_heads(vision):
+    from saft_hf.vision.pools import VisionTaskPool
+
+    root, clip, data = vision
+    pool = VisionTaskPool(VISION_TASKS, clip, data_paths=data, head_cache_dir=str(root / "heads"), batch_size=16,
+                          device="cpu", progress=False)
+    md = pool.merge_data(max_examples=16)
+    from saft_hf.vision.model import load_vision_encoder
+
+    state = load_vision_encoder(str(root / "runs" / "dtd")).state_dict()
+    model = md.model(state)
+    ev = pool.evaluator("validation", 16)
+    preds, labels = [], []
+    for (pixels, y), batch in zip(ev.batches("dtd"), md.batches("dtd", "validation")):
+        preds.append(md.logits(model, batch, "dtd").argmax(-1))
+        labels.append(y)
+    acc = float((torch.cat(preds) == torch.cat(labels)).float().mean())
+    assert acc == pytest.approx(pool.evaluate(state, "validation", ["dtd"], 16)["dtd"])
+    assert sum(b["pixel_values"].shape[0] for b in md.batches("dtd", "train")) == 16
+    fp = md.fingerprint("dtd", "train")
+    assert fp and fp != md.fingerprint("eurosat", "train")
+
+
+def test_vision_study_cli_runs_regmean_with_merges_option(vision, tmp_path, capsys):
+    root, clip, data = vision
+    out = tmp_path / "study"
+    rc = main(["evaluate", "vision", "--merge-study", *[str(root / "runs" / t) for t in VISION_TASKS],
+               "--output-dir", str(out), "--base-model", clip, "--tasks", *VISION_TASKS,
+               "--data", *[f"{t}={data[t]}" for t in VISION_TASKS], "--head-cache-dir", str(root / "heads"),
+               "--merges", "regmean", "--max-samples", "16", "--search-max-samples", "16", "--device", "cpu",
+               "--batch-size", "16"])
+    assert rc == 0
+    report = json.loads((out / "merge_study.json").read_text())
+    assert "regmean" in report["methods"] and "ties" not in report["methods"]

@@ -11,6 +11,7 @@ from saft_hf.tasks.text_demo import DEFAULT_TASKS, TASKS
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from saft_hf.demo.study import QUICK_OVERRIDES, StudyConfig
+    from saft_hf.evaluation.merge_selection import MERGES_HELP
 
     d = StudyConfig()
     parser.add_argument("--quick", action="store_true",
@@ -26,10 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training seeds; several give mean and spread (default 0)")
     parser.add_argument("--methods", nargs="+", default=list(d.methods), choices=["adamw", "asam"],
                         help="fine-tuning methods to compare (default both)")
-    parser.add_argument("--merges", nargs="+", default=None, metavar="METHOD",
-                        help="merge methods to run (default: the registry's study methods). Names of registered "
-                        "methods (e.g. regmean fisher_merging adamerging, which read the tasks' unlabeled inputs "
-                        "through the demo's heads), 'study' for the default set, 'all' for every method")
+    parser.add_argument("--merges", nargs="+", default=None, metavar="METHOD", help=MERGES_HELP)
     parser.add_argument("--steps", type=int, default=None, help=f"fine-tuning steps per task (default {d.train_steps}; --quick {QUICK_OVERRIDES['train_steps']})")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
     parser.add_argument("--lr", type=float, default=d.learning_rate, help=f"AdamW learning rate (default {d.learning_rate:g})")
@@ -67,12 +65,11 @@ def run(args) -> int:
 
     cfg = config_from_args(args)
     from saft_hf.demo.study import merge_names
-    from saft_hf.merging import registry
 
-    unknown = [n for n in (merge_names(cfg.merges) or []) if n not in registry.search_names()]
-    if unknown:
-        print(f"saft-hf demo: unknown --merges {unknown}; choose from {registry.search_names()}, 'study' or 'all'",
-              file=sys.stderr)
+    try:
+        merge_names(cfg.merges)
+    except ValueError as err:
+        print(f"saft-hf demo: --merges: {err}", file=sys.stderr)
         return 1
     try:
         study = run_study(cfg)

@@ -307,18 +307,10 @@ def study_methods(cfg: StudyConfig):
 
 
 def merge_names(merges: Sequence[str] | None) -> list[str] | None:
-    """The merge methods of `--merges`: "study" = the registry's study methods, "all" = every
-    registered method (data-reading ones read the demo tasks' inputs), others by name; duplicates dropped."""
-    from saft_hf.merging import registry
+    """The merge methods of `--merges` ("study", "all" or names; `saft_hf.evaluation.merge_selection`)."""
+    from saft_hf.evaluation.merge_selection import merge_names as expand
 
-    if not merges:
-        return None
-    out: list[str] = []
-    for name in merges:
-        expanded = (registry.method_names(study_only=True) if name == "study"
-                    else registry.method_names() if name == "all" else [name])
-        out += [n for n in expanded if n not in out]
-    return out
+    return expand(merges)
 
 
 def _demo_row(row: dict) -> dict:
