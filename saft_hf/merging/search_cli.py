@@ -184,9 +184,8 @@ def run_search(raw: Any, output_dir, overwrite: bool = False, progress: bool = T
             src.close()
     test = evaluator(merged, "test")  # the only test evaluation: after the choice
     del merged
-    final = dict(merge_raw)
-    final.update(params=chosen["params"], transforms=chosen["transforms"])
-    final.pop("dare", None)
+    final = config.to_dict()  # saft-hf's format (a mergekit config arrives translated)
+    final.update(params=chosen["params"], transforms=chosen["transforms"], dare=None)
     report = merge_models(final, output_dir, overwrite=overwrite, progress=progress, data=data)
     out = Path(output_dir)
     search_report = {"method": config.method, "evaluator": evaluator.description, "score": result.score_name,
