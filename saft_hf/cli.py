@@ -12,7 +12,7 @@ import sys
 
 # name -> (module, one-line help). The module owns its arguments and its --help text.
 COMMANDS = {
-    "merge": ("saft_hf.merging.cli", "merge fine-tuned checkpoints (task arithmetic, TIES, DARE, ...) from a YAML config"),
+    "merge": ("saft_hf.commands.merge", "merge fine-tuned checkpoints (task arithmetic, TIES, DARE, ...) from a YAML config"),
     "evaluate": ("saft_hf.commands.evaluate", "evaluate a checkpoint or merged model on its tasks (absolute + normalized accuracy)"),
     "analyze": ("saft_hf.commands.analyze", "the paper's diagnostics: disentanglement, cross-task linearity, landscape, Hessian, barrier"),
     "demo": ("saft_hf.demo.cli", "offline end-to-end SAFT study: MiniLM x real text tasks, AdamW vs ASAM, merged and evaluated"),

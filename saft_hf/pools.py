@@ -184,6 +184,15 @@ class TaskPool(abc.ABC):
                          max_examples: int | None = None) -> Iterable[dict[str, torch.Tensor]]:
         """Model-input batches (no labels) of one task, for data-based merges (RegMean, AdaMerging)."""
 
+    def merge_data(self, max_examples: int | None = None):
+        """A `saft_hf.merging.data.MergeData` over this pool's tasks: unlabeled inputs of the
+        "train", "validation" and "test" splits and logits through the family's own heads, with
+        a fingerprint (so RegMean / Fisher statistics are cached on disk). `max_examples` caps
+        each split (the first N, the same every call). Families that support data-reading merges
+        override this."""
+        raise NotImplementedError(f"{type(self).__name__} does not provide merge data (RegMean, Fisher merging, "
+                                  "AdaMerging); use a data-free merge method or implement TaskPool.merge_data")
+
     def check_split(self, split: str) -> None:
         if split not in SPLITS:
             raise ValueError(f"{type(self).__name__}: unknown split {split!r}; choose one of {SPLITS}")

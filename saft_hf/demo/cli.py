@@ -11,6 +11,7 @@ from saft_hf.tasks.text_demo import DEFAULT_TASKS, TASKS
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from saft_hf.demo.study import QUICK_OVERRIDES, StudyConfig
+    from saft_hf.evaluation.merge_selection import MERGES_HELP
 
     d = StudyConfig()
     parser.add_argument("--quick", action="store_true",
@@ -26,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training seeds; several give mean and spread (default 0)")
     parser.add_argument("--methods", nargs="+", default=list(d.methods), choices=["adamw", "asam"],
                         help="fine-tuning methods to compare (default both)")
+    parser.add_argument("--merges", nargs="+", default=None, metavar="METHOD", help=MERGES_HELP)
     parser.add_argument("--steps", type=int, default=None, help=f"fine-tuning steps per task (default {d.train_steps}; --quick {QUICK_OVERRIDES['train_steps']})")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
     parser.add_argument("--lr", type=float, default=d.learning_rate, help=f"AdamW learning rate (default {d.learning_rate:g})")
@@ -50,7 +52,8 @@ def config_from_args(args):
     if args.max_test is not None:
         overrides["max_test"] = args.max_test
     return StudyConfig(model=args.model, tasks=tuple(args.tasks), seeds=tuple(args.seeds),
-                       methods=tuple(args.methods), batch_size=args.batch_size, learning_rate=args.lr,
+                       methods=tuple(args.methods), merges=tuple(args.merges) if args.merges else None,
+                       batch_size=args.batch_size, learning_rate=args.lr,
                        asam_rho=args.asam_rho, max_length=args.max_length, logit_scale=args.logit_scale,
                        cache_dir=args.cache_dir, output_dir=args.output, threads=args.threads,
                        analysis=(not args.quick) if args.analysis is None else args.analysis, **overrides)
@@ -62,6 +65,13 @@ def run(args) -> int:
     from saft_hf.demo.study import run_study
 
     cfg = config_from_args(args)
+    from saft_hf.demo.study import merge_names
+
+    try:
+        merge_names(cfg.merges)
+    except ValueError as err:
+        print(f"saft-hf demo: --merges: {err}", file=sys.stderr)
+        return 1
     try:
         study = run_study(cfg)
     except (SourceUnavailable, CacheError) as err:  # data that cannot be fetched or a damaged cache entry

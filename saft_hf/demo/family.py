@@ -12,7 +12,7 @@ from pathlib import Path
 
 from saft_hf.demo.pools import DemoTaskPool, demo_model_pool, demo_task_pool
 
-__all__ = ["add_analyze_arguments", "build_probe", "task_pool", "model_pool", "DemoTaskPool"]
+__all__ = ["add_analyze_arguments", "build_probe", "task_pool", "model_pool", "merge_task_pool", "DemoTaskPool"]
 
 task_pool = demo_task_pool
 model_pool = demo_model_pool
@@ -50,3 +50,9 @@ def build_probe(args: argparse.Namespace, tasks: list[str], checkpoints: dict[st
                                     {n: (s.input_ids, s.labels) for n, s in split.items()},
                                     pad_id=pool.pad_id, subset_size=args.subset_size, seed=args.seed,
                                     batch_size=args.batch_size)
+
+
+def merge_task_pool(pretrained: str, tasks, **args) -> DemoTaskPool:
+    """`saft-hf merge --search` with `evaluator: {family: demo, ...}`: args are `demo_task_pool`'s
+    (cache_dir, logit_scale, max_length, test_fraction, batch_size; `pretrained` defaults to the config's)."""
+    return demo_task_pool(args.pop("pretrained", pretrained), tasks, **args)

@@ -70,6 +70,40 @@ class DemoTaskPool(TaskPool):
         for start in range(0, len(data), self.batch_size):
             yield demo_model.pad_batch(data.input_ids[start:start + self.batch_size], self.pad_id)
 
+    def merge_data(self, max_examples: int | None = None):
+        """MergeData over the demo's tasks: padded token batches of "train" / "validation" /
+        "test" (in split order, `batch_size` each) and logits = the task's frozen zero-shot head on
+        the mean-pooled encoder output (what fine-tuning trained). The encoder instance is reused."""
+        from saft_hf.heads import mean_pooled_text_features
+        from saft_hf.merging.pooldata import PoolMergeData, tensor_digest
+
+        def ids(task, split):
+            data = self.tokenized[task][split]
+            return data.input_ids[:max_examples] if max_examples else data.input_ids
+
+        def batches(task, split):
+            rows = ids(task, split)
+            for start in range(0, len(rows), self.batch_size):
+                yield demo_model.pad_batch(rows[start:start + self.batch_size], self.pad_id)
+
+        def load(state_dict):
+            self.load(state_dict)
+            return self.encoder
+
+        def logits(model, batch, task):
+            return self.heads[task](mean_pooled_text_features(model, batch))
+
+        def describe(task, split):
+            rows = ids(task, split)
+            tokens = torch.tensor([t for r in rows for t in r] + [len(r) for r in rows], dtype=torch.long)
+            return (f"demo|n={len(rows)}|batch={self.batch_size}|pad={self.pad_id}|"
+                    f"{tensor_digest([tokens, self.heads[task].weight])}")
+
+        missing = [(t, s) for t in self.tasks for s in ("train", "validation", "test") if s not in self.tokenized[t]]
+        if missing:
+            raise ValueError(f"demo merge data: no tokenized split for {missing}; tokenize train, validation and test")
+        return PoolMergeData(self.tasks, batches, load, logits, describe, family="demo")
+
 
 def _load_encoder_state(path: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in demo_model.load_encoder(str(path)).state_dict().items()}
@@ -100,3 +134,13 @@ def demo_task_pool(pretrained: str, tasks: Sequence[str], cache_dir: str | None 
     heads, _ = build_heads(encoder, tokenizer, data, cfg)
     return DemoTaskPool(encoder, heads, {n: td.tokenized for n, td in data.items()}, tokenizer.pad_token_id or 0,
                         batch_size)
+
+
+def merge_data(pretrained: str, tasks: Sequence[str], cache_dir: str | None = None, logit_scale: float | None = None,
+               max_length: int | None = None, test_fraction: float | None = None, batch_size: int = 128,
+               max_examples: int | None = None):
+    """The demo tasks' MergeData for a merge config: `data: {callable: saft_hf.demo.pools:merge_data,
+    args: {pretrained: PATH, tasks: [sst2, ...], logit_scale: 50}}` (heads built as `saft-hf demo` builds them)."""
+    pool = demo_task_pool(pretrained, tasks, cache_dir=cache_dir, logit_scale=logit_scale, max_length=max_length,
+                          test_fraction=test_fraction, batch_size=batch_size)
+    return pool.merge_data(max_examples)

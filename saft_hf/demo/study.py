@@ -50,6 +50,9 @@ class StudyConfig:
     tasks: Sequence[str] = DEFAULT_TASKS
     seeds: Sequence[int] = (0,)
     methods: Sequence[str] = ("adamw", "asam")
+    # Merge methods (table rows): None = the registry's study methods; names of registered methods
+    # or search aliases, "study" (the default set) and "all" (every registered method) may be mixed.
+    merges: Sequence[str] | None = None
     max_length: int = 48
     train_steps: int = 40
     batch_size: int = 16
@@ -324,7 +327,15 @@ def study_methods(cfg: StudyConfig):
     fixed-coefficient ablation at `cfg.fixed_alpha`, through the shared study driver."""
     from saft_hf.evaluation.study import default_study_methods
 
-    return default_study_methods(grids=cfg.grid_overrides(), fixed_coefficient=cfg.fixed_alpha)
+    return default_study_methods(merge_names(cfg.merges), grids=cfg.grid_overrides(),
+                                 fixed_coefficient=cfg.fixed_alpha)
+
+
+def merge_names(merges: Sequence[str] | None) -> list[str] | None:
+    """The merge methods of `--merges` ("study", "all" or names; `saft_hf.evaluation.merge_selection`)."""
+    from saft_hf.evaluation.merge_selection import merge_names as expand
+
+    return expand(merges)
 
 
 def _demo_row(row: dict) -> dict:

@@ -134,16 +134,31 @@ def _merge_config(method: StudyMethod, search) -> dict:
     return {"method": m.name, "params": dict(method.params), "transforms": [{"name": t} for t in transforms]}
 
 
-def _merge(config: Mapping, pretrained, finetuned: list, vectors: list):
+def _merge(config: Mapping, pretrained, finetuned, vectors, data=None):
     """The merged state dict of a merge config ({method, params, transforms}), any registered method:
     methods defined on the fine-tuned models alone (`needs_pretrained=False`) merge `finetuned`,
-    the others the task vectors."""
+    the others the task vectors. `data`: the MergeData of a method that reads data."""
     from saft_hf.merging import merge, merge_finetuned, registry
 
     name, params, transforms = config["method"], dict(config["params"]), list(config.get("transforms") or []) or None
+    extra = {"data": data} if registry.get_method(name).needs_data else {}
     if not registry.get_method(name).needs_pretrained:
-        return merge_finetuned(name, None, finetuned, transforms=transforms, **params)
-    return merge(name, pretrained, vectors, transforms=transforms, **params)
+        return merge_finetuned(name, None, finetuned, transforms=transforms, **extra, **params)
+    return merge(name, pretrained, vectors, transforms=transforms, **extra, **params)
+
+
+def _study_merge_data(task_pool: TaskPool, names: Sequence[str]):
+    """The task pool's MergeData restricted to the merged tasks (for RegMean, Fisher, AdaMerging)."""
+    import copy
+
+    try:
+        data = task_pool.merge_data()
+    except NotImplementedError as exc:
+        raise ValueError(f"{exc} (a data-reading method was selected for this study)") from None
+    if list(data.tasks) != list(names):
+        data = copy.copy(data)
+        data.tasks = list(names)
+    return data
 
 
 def _coefficient(config: Mapping, n_tasks: int):
@@ -193,15 +208,22 @@ def run_merge_study(model_pool: ModelPool, task_pool: TaskPool, methods: Sequenc
         return task_pool.evaluate(state_dict, "validation", names, search_max_examples)
 
     result["methods"] = {}
+    data = None  # the task pool's MergeData, built once when a data-reading method runs
     for method in methods:
+        reads = registry.resolve_search_name(method.merge)[0].needs_data
+        if reads and data is None:
+            data = _study_merge_data(task_pool, names)
+        # data-reading methods match models to data tasks by name
+        vecs = dict(zip(names, vectors)) if reads else vectors
+        fts = dict(zip(names, finetuned_list)) if reads else finetuned_list
         search = None
         if method.grid:
-            search = search_coefficients(theta0, vectors, search_eval, method=method.merge, grid=dict(method.grid),
+            search = search_coefficients(theta0, vecs, search_eval, method=method.merge, grid=dict(method.grid),
                                          params=dict(method.params), finetuned_accuracy=search_reference,
-                                         progress=progress)
+                                         progress=progress, data=data if reads else None)
         config = _merge_config(method, search)
         params = {**method.params, **(search.best_params if search is not None else {})}
-        merged = _merge(config, theta0, finetuned_list, vectors)
+        merged = _merge(config, theta0, fts, vecs, data if reads else None)
         row = summarize(task_pool.evaluate(merged, test_split, names, test_max_examples), ind)
         del merged
         row.update({"label": method.label, "merge": method.merge, "method": config["method"],

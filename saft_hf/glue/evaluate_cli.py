@@ -14,6 +14,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from saft_hf.evaluation.merge_selection import MERGES_HELP
 from saft_hf.tasks.glue import GLUE_HUB_DATASET, GLUE_TASKS, PAPER_TASKS, SCORE_KINDS, get_task
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge_study", action="store_true",
                         help="merge the --finetuned_root runs (full fine-tuning) with every study method (shared driver: "
                              "search and report on validation, absolute + normalized) into --output_dir/results.*")
+    parser.add_argument("--merges", nargs="+", default=None, metavar="METHOD", help="--merge_study: " + MERGES_HELP)
     parser.add_argument("--tokenizer", default=None, help="tokenizer (default: the one saved with --model)")
     parser.add_argument("--tasks", nargs="+", default=list(PAPER_TASKS), choices=sorted(GLUE_TASKS),
                         help=f"GLUE tasks (default: the paper's {' '.join(PAPER_TASKS)})")
@@ -173,8 +175,10 @@ def _run_merge_study(args: argparse.Namespace, tasks: list[str]) -> int:
     runs.update(_task_paths(args.finetuned, "--finetuned"))
     data_paths = {t: str(Path(args.data_root) / t) for t in tasks} if args.data_root else {}
     data_paths.update(_task_paths(args.data, "--data"))
+    from saft_hf.evaluation.merge_selection import merge_names
+
     result = run_glue_merge_study(args.model, {t: runs[t] for t in tasks}, args.output_dir,
-                                  data_paths=data_paths or None, search_max_samples=args.max_samples,
+                                  merges=merge_names(args.merges), data_paths=data_paths or None, search_max_samples=args.max_samples,
                                   device=args.device, dataset_name=args.dataset_name, batch_size=args.batch_size,
                                   max_new_tokens=args.max_new_tokens, max_source_length=args.max_source_length,
                                   score=args.score)

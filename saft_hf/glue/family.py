@@ -9,7 +9,7 @@ from saft_hf.glue.evaluate_cli import run as run_evaluate
 from saft_hf.glue.pools import GlueTaskPool, first_step_logits, glue_model_pool, label_word_heads
 
 __all__ = ["EVALUATE_HELP", "add_evaluate_arguments", "run_evaluate", "add_analyze_arguments", "build_probe",
-           "task_pool", "model_pool"]
+           "task_pool", "model_pool", "merge_task_pool"]
 
 task_pool = GlueTaskPool
 model_pool = glue_model_pool
@@ -42,3 +42,11 @@ def build_probe(args: argparse.Namespace, tasks: list[str], checkpoints: dict[st
     return TaskProbe.from_token_ids(pool.model, label_word_heads(pool.tokenizer, pool.tasks), token_ids,
                                     pad_id=pool.tokenizer.pad_token_id or 0, subset_size=args.subset_size,
                                     seed=args.seed, batch_size=args.batch_size, features=first_step_logits)
+
+
+def merge_task_pool(pretrained: str, tasks, **args) -> GlueTaskPool:
+    """`saft-hf merge --search` with `evaluator: {family: glue, ...}`: args are `GlueTaskPool`'s
+    (data_paths, batch_size, test_split, score, device, ...; `model` defaults to the config's pretrained).
+    GLUE hides its test labels: give `test_split: validation` (as the family's merge study does) or a
+    local test split with labels."""
+    return GlueTaskPool(tasks, args.pop("model", pretrained), **args)

@@ -76,7 +76,9 @@ class GlueTaskPool(TaskPool):
         return self.evaluator(split, tasks, max_examples)(state)
 
     def unlabeled_inputs(self, task, split="validation", max_examples=None):
-        encoded = self.evaluator(split, [task], max_examples).encoded[task]
+        yield from self._padded(self.evaluator(split, [task], max_examples).encoded[task])
+
+    def _padded(self, encoded):
         pad = self.tokenizer.pad_token_id or 0
         size = self._kwargs["batch_size"]
         for start in range(0, len(encoded), size):
@@ -88,6 +90,47 @@ class GlueTaskPool(TaskPool):
                 ids[i, :len(r)] = torch.tensor(r)
                 mask[i, :len(r)] = 1
             yield {"input_ids": ids, "attention_mask": mask}
+
+    def _merge_encoded(self, task: str, split: str, max_examples: int | None):
+        from saft_hf.glue.predict import GlueEvaluator
+
+        name = "train" if split == "train" else self.splits[split]
+        key = ("merge_data", name, task, max_examples)
+        if key not in self._evaluators:
+            self._evaluators[key] = GlueEvaluator([task], self.model, self.tokenizer, split=name,
+                                                  max_samples=max_examples, **self._kwargs)
+        return name, self._evaluators[key].encoded[task]
+
+    def merge_data(self, max_examples: int | None = None):
+        """MergeData over the GLUE tasks: padded prompt batches of "train" / "validation" / "test"
+        (this pool's test_split) and logits = the first decoded step's logits of each class's label
+        word (`LabelWordHead` on `first_step_logits`). Regression tasks (STS-B) have no classes: refused."""
+        from saft_hf.glue.predict import load_state_dict_into
+        from saft_hf.merging.pooldata import PoolMergeData, tensor_digest
+
+        heads = label_word_heads(self.tokenizer, self.tasks)
+        device = next(self.model.parameters()).device
+
+        def batches(task, split):
+            for batch in self._padded(self._merge_encoded(task, split, max_examples)[1]):
+                yield {k: v.to(device) for k, v in batch.items()}
+
+        def load(state_dict):
+            load_state_dict_into(self.model, state_dict)
+            return self.model
+
+        def logits(model, batch, task):
+            return heads[task].to(device)(first_step_logits(model, batch))
+
+        def describe(task, split):
+            name, encoded = self._merge_encoded(task, split, max_examples)
+            rows = encoded["input_ids"]
+            tokens = torch.tensor([t for r in rows for t in r] + [len(r) for r in rows], dtype=torch.long)
+            kw = self._kwargs
+            return (f"glue|{kw['dataset_name']}|{(kw['data_paths'] or {}).get(task)}|{name}|n={len(rows)}|"
+                    f"src={kw['max_source_length']}|batch={kw['batch_size']}|{tensor_digest([tokens, heads[task].token_ids])}")
+
+        return PoolMergeData(self.tasks, batches, load, logits, describe, family="glue")
 
 
 def _load_state(path: str) -> dict[str, torch.Tensor]:
@@ -139,3 +182,10 @@ def label_word_heads(tokenizer, tasks: Sequence[str]) -> dict[str, LabelWordHead
         ids = [tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in task.label_words]
         heads[name] = LabelWordHead(ids)
     return heads
+
+
+def merge_data(model: str, tasks: Sequence[str], data_paths: Mapping[str, str] | None = None,
+               max_examples: int | None = None, **pool_args):
+    """The GLUE tasks' MergeData for a merge config: `data: {callable: saft_hf.glue.pools:merge_data,
+    args: {model: PRETRAINED_DIR, tasks: [sst2, rte], max_examples: 256}}` (other args: GlueTaskPool's)."""
+    return GlueTaskPool(tasks, model, data_paths=data_paths, **pool_args).merge_data(max_examples)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from saft_hf.tasks.glue import get_task
 
@@ -137,9 +137,12 @@ def run_glue_merge_study(
     test_max_samples: int | None = None,
     device: str | None = None,
     progress: bool = True,
+    merges: Sequence[str] | None = None,
     **pool_kwargs,
 ) -> dict:
-    """Every study method of the merge-method registry (each searched, plus the fixed-coefficient
+    """`merges`: the methods to run (default: every study method; data-reading ones such as
+    regmean read each task's prompts through the label-word head, `GlueTaskPool.merge_data`).
+    Every study method of the merge-method registry (each searched, plus the fixed-coefficient
     ablations at `fixed_alpha`; None drops them) on full fine-tuned runs through the shared driver
     (`saft_hf.evaluation.study`): coefficients chosen by mean normalized validation score
     (normalized by each run's recorded validation score), reported on `STUDY_TEST_SPLIT` (GLUE's
@@ -159,7 +162,7 @@ def run_glue_merge_study(
     pretrained = resolve_model_dir(pretrained)
     inputs = [str(p) for p in finetuned.values()] + [str(pretrained)]
     check_study_output(output_dir, inputs)  # a bad report directory fails now, not after the study
-    methods = default_study_methods(grids=grids_for_params({"scaling": alphas, "density": densities}),
+    methods = default_study_methods(merges, grids=grids_for_params({"scaling": alphas, "density": densities}, merges),
                                     fixed_coefficient=fixed_alpha, ablations=fixed_alpha is not None)
     model_pool = glue_model_pool(pretrained, {get_task(t).name: str(p) for t, p in finetuned.items()})
     task_pool = GlueTaskPool(tasks, pretrained, data_paths=data_paths, device=device, **pool_kwargs)

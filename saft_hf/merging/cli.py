@@ -45,7 +45,17 @@ one DARE transform.
 The output directory is an HF model (sharded safetensors + index, the base model's config and
 tokenizer files), with merge_config.yaml, merge_report.json and a README.md model card. It is
 written under a temporary name and renamed when complete. Coefficient search (alpha / density /
-drop-rate grids scored on validation data) needs an evaluator and runs from Python:
+drop-rate grids scored on validation data) runs with --search: add an evaluator to the config
+
+  evaluator: {family: demo, tasks: [color, mood], logit_scale: 50}   # demo | vision | glue task pool
+  # or evaluator: mypkg.evals:make   (or {callable: mypkg.evals:make, args: {...}}): returns a task
+  # pool (evaluate(state_dict, split, tasks, max_examples)) or a function (state_dict, split) -> {task: score}
+  search: {grid: {scaling: [0.2, 0.4, 0.6]}, max_examples: 128}   # optional; default: the method's grid
+
+Every grid point is scored on the validation split, the best mean score is chosen, and only the
+chosen point is evaluated on the test split; search_report.json / search_report.md are written
+beside the merged model. Data-reading methods take their inputs from the evaluator's task pool
+(TaskPool.merge_data) when the config has no `data:`. From Python:
 saft_hf.merging.search_coefficients(pretrained, task_vectors, evaluate, method="ties").
 """
 
@@ -65,10 +75,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (only after the new one is complete)")
     parser.add_argument("--max-shard-size", default=None, help="override max_shard_size from the config, e.g. 500MB")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--search", action="store_true",
+                        help="search the method's coefficients on the config's `evaluator:` (validation split), "
+                        "merge the chosen point, evaluate it on test, write search_report.json/.md beside it")
 
 
-def load_config(path):
-    """The MergeConfig in YAML file `path`; unreadable / malformed files get a message naming it."""
+def load_config(path, raw: bool = False):
+    """The MergeConfig in YAML file `path` (`raw`: the parsed YAML); unreadable / malformed files
+    get a message naming it."""
     import yaml
 
     from .pipeline import MergeConfig
@@ -79,7 +93,7 @@ def load_config(path):
     if not p.exists():
         raise FileNotFoundError(f"merge config {path} not found")
     try:
-        return MergeConfig.from_yaml(p)
+        return yaml.safe_load(p.read_text()) if raw else MergeConfig.from_yaml(p)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -90,19 +104,35 @@ def load_config(path):
         raise ValueError(f"merge config {path} is not a text (UTF-8) file; give the YAML merge config") from None
 
 
-def run(args) -> int:
+def run(args, resolve_family=None) -> int:
     """Errors are raised, not printed: `saft_hf.cli.run_command` turns every one (OSError via
-    `io_utils.os_error_message`, our ValueError / CheckpointError messages, bugs) into one line."""
+    `io_utils.os_error_message`, our ValueError / CheckpointError messages, bugs) into one line.
+    `resolve_family(name, pretrained, tasks, args) -> TaskPool`: how `evaluator: {family: ...}`
+    becomes a task pool (given by the command layer, saft_hf.commands.merge; core imports no family)."""
     from .pipeline import merge_models
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = load_config(args.config)
-    if args.max_shard_size:
-        config.max_shard_size = args.max_shard_size
-    report = merge_models(config, args.output, overwrite=args.overwrite, progress=not args.no_progress)
+    if getattr(args, "search", False):
+        from .search_cli import run_search
+
+        raw = load_config(args.config, raw=True)
+        if args.max_shard_size and isinstance(raw, dict):
+            raw["max_shard_size"] = args.max_shard_size
+        report = run_search(raw, args.output, overwrite=args.overwrite, progress=not args.no_progress,
+                            resolve_family=resolve_family)
+    else:
+        config = load_config(args.config)
+        if args.max_shard_size:
+            config.max_shard_size = args.max_shard_size
+        report = merge_models(config, args.output, overwrite=args.overwrite, progress=not args.no_progress)
     for note in report.get("notes", []):
         print(f"note: {note}")
     print(f"merged {report['merged_tensors']} tensors with {report['method']} into {args.output} "
           f"({len(report['shards'])} shard(s), {report['total_bytes'] / 1e6:.1f} MB)")
     print(json.dumps({"method": report["method"], "params": report["params"]}))
+    if "search" in report:
+        s = report["search"]
+        print(f"search: {len(s['points'])} point(s) on validation, chose {s['chosen']['params']} "
+              f"(score {s['chosen']['score']:.4f}); test mean {s['test']['mean']:.4f}; report in "
+              f"{args.output}/search_report.md")
     return 0

@@ -65,7 +65,7 @@ class MergeConfig:
     data: Any = None  # methods that read data: `package.module:function` returning a data.MergeData
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "MergeConfig":
+    def from_dict(cls, raw: dict, require_data: bool = True) -> "MergeConfig":
         if not isinstance(raw, dict):
             raise ValueError("merge config must be a mapping with keys pretrained, models, method, params")
         if is_mergekit_config(raw):
@@ -78,7 +78,7 @@ class MergeConfig:
         if unknown:
             raise ValueError(f"unknown merge config key(s) {sorted(map(str, unknown))}; allowed: {sorted(allowed)}")
         cfg = cls(**{**raw, "models": raw.get("models")})
-        cfg.validate()
+        cfg.validate(require_data)
         return cfg
 
     @classmethod
@@ -134,7 +134,9 @@ class MergeConfig:
             raise ParamError("DARE is given twice (`dare:` and in `transforms:`); keep one")
         return specs
 
-    def validate(self) -> None:
+    def validate(self, require_data: bool = True) -> None:
+        """`require_data=False`: a data-reading method without `data:` is accepted (the MergeData
+        object is given to `merge_models(data=...)`, e.g. by `--search` from the evaluator's task pool)."""
         self._check_models()
         method = registry.get_method(self.method)
         if self.pretrained is not None and not isinstance(self.pretrained, (str, Path)):
@@ -151,7 +153,7 @@ class MergeConfig:
             raise ValueError(f"out_dtype must be one of {list(OUT_DTYPES)} (the dtype of the merged weights; the "
                              f"computation is float32 either way), got {_what(self.out_dtype)}")
         self.resolved_params()
-        if method.needs_data and self.data is None:
+        if method.needs_data and self.data is None and require_data:
             raise ValueError(f"method {self.method} reads each task's inputs: add `data: package.module:function` to "
                              "the merge config (a Python callable returning a saft_hf.merging.data.MergeData, e.g. "
                              "an adapter of a task family)")
@@ -186,14 +188,16 @@ def _json_safe(obj):
     return obj
 
 
-def merge_models(config: MergeConfig | dict | str, output_dir, overwrite: bool = False, progress: bool = True) -> dict:
+def merge_models(config: MergeConfig | dict | str, output_dir, overwrite: bool = False, progress: bool = True,
+                 data=None) -> dict:
     """Merge the checkpoints named in `config` into `output_dir` (an HF model directory loadable
-    with from_pretrained). Returns a report dict (also saved as merge_report.json)."""
+    with from_pretrained). Returns a report dict (also saved as merge_report.json). `data`: a
+    MergeData object for a data-reading method, used instead of the config's `data:` callable."""
     if isinstance(config, (str, Path)):
         config = MergeConfig.from_yaml(config)
     elif isinstance(config, dict):
-        config = MergeConfig.from_dict(config)
-    config.validate()
+        config = MergeConfig.from_dict(config, require_data=data is None)
+    config.validate(require_data=data is None)
     output_dir = Path(output_dir)
     inputs = check_merge_output(config, output_dir, overwrite)  # never is/contains/lies inside an input
     method = registry.get_method(config.method)
@@ -237,9 +241,11 @@ def merge_models(config: MergeConfig | dict | str, output_dir, overwrite: bool =
     for n in notes:
         logger.info(n)
 
-    data, locations = None, None
-    if method.needs_data:
-        data = load_data(config.data)
+    locations = None
+    if not method.needs_data:
+        data = None
+    else:
+        data = load_data(config.data) if data is None else data
         lora = [is_lora_adapter(m["path"]) for m in config.models]
         locations = [checkpoint_location(m["path"], config.pretrained if is_lora else None)
                      for m, is_lora in zip(config.models, lora)]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterable
 
 from saft_hf.pools import SCORE_FILE, SCORE_SCHEMA, find_score_file, read_finetuned_scores
+from saft_hf.evaluation.merge_selection import MERGES_HELP
 from saft_hf.tasks.vision import PAPER_TASKS, VISION_TASKS
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead of --model: merge these fine-tuning runs (one per task) with every study method "
                              "(shared driver: search on validation, test scores, absolute + normalized) into "
                              "--output-dir (results.json / .md / .png, merge_study.json / .md)")
+    parser.add_argument("--merges", nargs="+", default=None, metavar="METHOD",
+                        help="--merge-study: " + MERGES_HELP)
     parser.add_argument("--search-max-samples", type=int, default=None,
                         help="--merge-study: validation examples per task for the coefficient search")
     parser.add_argument("--output-dir", default=None,
@@ -181,7 +184,12 @@ def _run_merge_study(args: argparse.Namespace) -> int:
             raise NotADirectoryError(f"--merge-study {run_dir} is not a directory; give the fine-tuning runs' output "
                                      "directories (one per task)")
     check_output_directory(args.output_dir, "--output-dir", inputs=args.merge_study)
+    from saft_hf.evaluation.merge_selection import merge_names
+    from saft_hf.vision.merge_study import METHODS
+
+    methods = merge_names(args.merges) or list(METHODS)
     report = run_merge_study(args.merge_study, args.output_dir, args.base_model, data_paths=_parse_data(args.data),
+                             methods=methods,
                              search_max_samples=args.search_max_samples, test_max_samples=args.max_samples,
                              head_cache_dir=args.head_cache_dir, batch_size=args.batch_size, device=args.device)
     print((Path(args.output_dir) / "merge_study.md").read_text())

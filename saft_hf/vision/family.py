@@ -11,7 +11,7 @@ from saft_hf.vision.evaluate_cli import run as run_evaluate
 from saft_hf.vision.pools import VisionTaskPool, vision_model_pool
 
 __all__ = ["EVALUATE_HELP", "add_evaluate_arguments", "run_evaluate", "add_analyze_arguments", "build_probe",
-           "task_pool", "model_pool"]
+           "task_pool", "model_pool", "merge_task_pool"]
 
 task_pool = VisionTaskPool
 model_pool = vision_model_pool
@@ -49,3 +49,9 @@ def build_probe(args: argparse.Namespace, tasks: list[str], checkpoints: dict[st
     heads = {t: ev.head(t) for t in pool.tasks}
     return TaskProbe.from_tensors(ev.encoder, heads, tensors, features="clip_image", subset_size=args.subset_size,
                                   seed=args.seed, batch_size=args.batch_size)
+
+
+def merge_task_pool(pretrained: str, tasks, **args) -> VisionTaskPool:
+    """`saft-hf merge --search` with `evaluator: {family: vision, ...}`: args are `VisionTaskPool`'s
+    (data_paths, head_cache_dir, batch_size, device, ...; `base_model` defaults to the config's pretrained)."""
+    return VisionTaskPool(tasks, args.pop("base_model", pretrained), **args)

@@ -64,6 +64,54 @@ class VisionTaskPool(TaskPool):
             yield {"pixel_values": normalize_uint8(pixels, ev.processor)}
 
 
+    def _merge_evaluator(self, split: str, max_examples: int | None):
+        from saft_hf.vision.evaluate import VisionEvaluator
+
+        key = ("merge_data", split, max_examples)
+        if key not in self._evaluators:
+            common = {**self._common, "progress": False}
+            self._evaluators[key] = VisionEvaluator(self._tasks, split=split, max_samples=max_examples,
+                                                    cache_images=split == "validation", **common)
+        return self._evaluators[key]
+
+    def merge_data(self, max_examples: int | None = None):
+        """MergeData over the vision tasks: preprocessed image batches of "train" / "validation" /
+        "test" (the fine-tuning splits; `max_examples`: the evaluator's fixed seeded subset) and
+        logits = the task's frozen CLIP zero-shot head on the image embeddings."""
+        from saft_hf.merging.pooldata import PoolMergeData, tensor_digest
+        from saft_hf.vision.data import normalize_uint8
+
+        if self.linearized:
+            raise ValueError("vision merge data: the task pool is linearized; data-reading merges need the plain "
+                             "CLIP encoder (build the pool with linearized=False)")
+        holder = self._merge_evaluator("validation", max_examples)
+
+        def batches(task, split):
+            ev = self._merge_evaluator(split, max_examples)
+            for pixels, _labels in ev.batches(task):
+                yield {"pixel_values": normalize_uint8(pixels.to(ev.device), ev.processor)}
+
+        def load(state_dict):
+            holder.load_weights(state_dict)
+            return holder.encoder
+
+        def logits(model, batch, task):
+            return holder.head(task)(model(pixel_values=batch["pixel_values"]).image_embeds)
+
+        def describe(task, split):
+            paths = self._common["data_paths"] or {}
+            return (f"vision|{self.base_model}|{paths.get(task)}|{split}|n={max_examples}|"
+                    f"batch={self._common['batch_size']}|{tensor_digest([holder.head(task).weight])}")
+
+        return PoolMergeData(self.tasks, batches, load, logits, describe, family="vision")
+
+
+def merge_data(tasks: Sequence[str], base_model: str, max_examples: int | None = None, **pool_args):
+    """The vision tasks' MergeData for a merge config: `data: {callable: saft_hf.vision.pools:merge_data,
+    args: {tasks: [dtd, eurosat], base_model: PRETRAINED_DIR, data_paths: {...}}}` (other args: VisionTaskPool's)."""
+    return VisionTaskPool(tasks, base_model, **pool_args).merge_data(max_examples)
+
+
 def _load_encoder_state(path: str) -> dict[str, torch.Tensor]:
     from saft_hf.vision.model import load_vision_encoder
 
