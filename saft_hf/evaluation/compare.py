@@ -107,10 +107,34 @@ def compare_results(results: Mapping[str, Mapping], baseline: str | None = None,
     if not treatments:
         raise ValueError(f"nothing to compare: only the baseline {baseline!r} has results")
     inputs = correctness_inputs(results, tasks)
-    effects = {t: effect_table(inputs["merged"], inputs["finetuned"], baseline, t, n_boot=n_boot, seed=seed, ci=ci)
-               for t in treatments}
+    effects, notes = {}, []
+    for t in treatments:
+        try:
+            effects[t] = effect_table(inputs["merged"], inputs["finetuned"], baseline, t, n_boot=n_boot, seed=seed,
+                                      ci=ci)
+        except ValueError as err:
+            if "normalized" not in str(err):
+                raise
+            effects[t] = _absolute_only(inputs, baseline, t, n_boot, seed, ci)
+            notes.append(f"{t}: normalized effects not computed ({err})")
     return {"baseline": baseline, "tasks": inputs["tasks"], "excluded_tasks": inputs["excluded_tasks"],
-            "labels": inputs["labels"], "effects": effects, "n_boot": n_boot, "bootstrap_seed": seed}
+            "labels": inputs["labels"], "effects": effects, "n_boot": n_boot, "bootstrap_seed": seed,
+            "notes": notes}
+
+
+def _absolute_only(inputs: Mapping, baseline: str, treatment: str, n_boot: int, seed: int, ci: float) -> list[dict]:
+    """`effect_table` rows without the normalized effect (a fine-tuned model scored 0 on a task, so
+    merged / fine-tuned is undefined): the absolute effect and McNemar as `effect_table` computes them."""
+    from saft_hf.stats import INDIVIDUAL, hierarchical_bootstrap, mcnemar
+
+    fa, fb = inputs["finetuned"][baseline], inputs["finetuned"][treatment]
+    pairs = [(INDIVIDUAL, fa, fb)]
+    for m in inputs["merged"][baseline][next(iter(fa))]:
+        pairs.append((m, {s: r[m] for s, r in inputs["merged"][baseline].items()},
+                      {s: r[m] for s, r in inputs["merged"][treatment].items()}))
+    return [{"method": m, "n_seeds": len(a), "normalized": None,
+             "absolute": hierarchical_bootstrap(a, b, n_boot=n_boot, seed=seed, ci=ci),
+             "mcnemar": {s: mcnemar(a[s], b[s]) for s in a}} for m, a, b in pairs]
 
 
 def labelled(rows: Sequence[Mapping], labels: Mapping[str, str]) -> list[dict]:
@@ -139,6 +163,8 @@ def comparison_markdown(cmp: Mapping, names: Mapping[str, str] | None = None, fo
                 markdown_effect_table(labelled(rows, cmp["labels"]), base, name)]
         if forest and treatment in forest:
             out += [f"![forest plot {name} - {base}]({forest[treatment]})", ""]
+    for note in cmp.get("notes") or []:
+        out += [f"Note: {note}", ""]
     if cmp.get("excluded_tasks"):
         out += ["Left out of the statistics: " + "; ".join(f"{t}: {why}" for t, why in cmp["excluded_tasks"].items()),
                 ""]
