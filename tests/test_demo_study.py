@@ -276,3 +276,19 @@ def test_fine_tuning_methods_come_from_the_sam_variant_registry(tiny_model_dir, 
     assert demo_cli.config_from_args(parser.parse_args(["--study", "--seeds", "4"])).seeds == (4,)
     assert demo_cli.config_from_args(parser.parse_args([])).seeds == (0,)
     assert demo_cli.config_from_args(parser.parse_args(["--methods", "adamw", "sam"])).methods == ("adamw", "sam")
+
+
+def test_merge_monitor_pass_plots_merged_accuracy_per_step(tiny_model_dir, tmp_path):
+    cfg = _config(tiny_model_dir, tmp_path, n_boot=200, monitor_every=2, monitor_val_size=8)
+    result = study.run_study(cfg)
+    mon = result["merge_monitor"]
+    assert mon["task"] == "mood" and set(mon["methods"]) == {"adamw", "asam"}
+    for method, res in mon["methods"].items():
+        assert res["steps"] == [2, 4, 6] and res["calls"] == 3
+        assert all(0.0 <= a <= 1.0 for a in res["merged_mean_accuracy"])
+        assert all(n is not None for n in res["merged_mean_normalized"])
+        assert res["seconds_per_call"] > 0 and 0 < res["share_of_training_time"] < 1
+        assert res["same_loss_as_study_run"]  # the monitored run is the study's run again
+    assert any(s is not None for s in mon["methods"]["asam"]["sharpness"])
+    assert (tmp_path / "report" / "merge_monitor.png").stat().st_size > 0
+    assert "## Merge monitor" in (tmp_path / "report" / "results.md").read_text()

@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="+", default=list(d.methods), choices=sorted(fine_tuning_methods()),
                         help="fine-tuning methods to compare: adamw and every registered SAM variant (default "
                         "adamw asam); the first is the baseline unless adamw is among them")
+    parser.add_argument("--monitor", type=int, default=0, metavar="N",
+                        help="after the study, fine-tune the last task again per method (seed: the first) with "
+                        "MergeMonitorCallback every N steps: merged accuracy against training step "
+                        "(merge_monitor.png; costs one extra fine-tuning run per method; default off)")
     parser.add_argument("--n-boot", type=int, default=d.n_boot,
                         help=f"bootstrap replicates of the effect statistics (default {d.n_boot})")
     parser.add_argument("--steps", type=int, default=None, help=f"fine-tuning steps per task (default {d.train_steps}; --quick {QUICK_OVERRIDES['train_steps']})")
@@ -59,6 +63,7 @@ def config_from_args(args):
         overrides["max_test"] = args.max_test
     seeds = args.seeds if args.seeds is not None else (STUDY_SEEDS if args.study else StudyConfig().seeds)
     return StudyConfig(model=args.model, tasks=tuple(args.tasks), seeds=tuple(seeds), n_boot=args.n_boot,
+                       monitor_every=args.monitor,
                        methods=tuple(args.methods), batch_size=args.batch_size, learning_rate=args.lr,
                        asam_rho=args.asam_rho, max_length=args.max_length, logit_scale=args.logit_scale,
                        cache_dir=args.cache_dir, output_dir=args.output, threads=args.threads,

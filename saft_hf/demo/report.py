@@ -117,6 +117,21 @@ def markdown(study: dict) -> str:
         *lines,
         "",
     ]
+    mon = study.get("merge_monitor") or {}
+    if mon.get("methods"):
+        out += ["## Merge monitor", "",
+                f"Task arithmetic (alpha {mon['merge']['scaling']:g}, fixed) of `{mon['task']}` while it fine-tunes "
+                f"(seed {mon['seed']}, every {mon['every_n_steps']} steps) with the other tasks' fine-tuned task "
+                f"vectors of the same method; {mon['validation_examples']} validation examples per task. "
+                f"![merge monitor]({mon['plot']})", "",
+                "| method | final merged abs | final merged norm | seconds / call | calls | share of training time |",
+                "|---|---|---|---|---|---|"]
+        for m, r in mon["methods"].items():
+            norm = r["merged_mean_normalized"][-1] if r["merged_mean_normalized"] else None
+            out.append(f"| {method_label(m)} | {100 * r['merged_mean_accuracy'][-1]:.2f} | "
+                       + (f"{100 * norm:.2f}" if norm is not None else "-")
+                       + f" | {r['seconds_per_call']:.2f} | {r['calls']} | {100 * r['share_of_training_time']:.0f}% |")
+        out.append("")
     if study.get("skipped_tasks"):
         out += ["Skipped tasks (source unavailable): "
                 + "; ".join(f"{k}: {v}" for k, v in study["skipped_tasks"].items()), ""]

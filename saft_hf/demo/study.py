@@ -250,9 +250,10 @@ def build_heads(encoder, tokenizer, tasks: dict[str, TaskData], cfg: StudyConfig
 
 
 def finetune_one(cfg: StudyConfig, model_path: str, head: ZeroShotHead, td: TaskData, method: str, seed: int,
-                 pad_id: int, ckpt_dir: Path, signature: dict) -> dict:
+                 pad_id: int, ckpt_dir: Path | None, signature: dict, callbacks: Sequence = ()) -> dict:
     """Fine-tune the encoder on one task with SAFTTrainer (sam_rho=0 = plain AdamW) and save it
-    atomically in HF format; return the training record."""
+    atomically in HF format (not when `ckpt_dir` is None); return the training record.
+    `callbacks`: extra Trainer callbacks (the merge monitor's pass)."""
     from saft_hf import SAFTTrainer, SAFTTrainingArguments
     from saft_hf.heads import EncoderClassifier
 
@@ -269,7 +270,7 @@ def finetune_one(cfg: StudyConfig, model_path: str, head: ZeroShotHead, td: Task
             dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
             sam_rho=rho, sam_variant=variant)
         trainer = SAFTTrainer(model=model, args=args, train_dataset=demo_model.TrainDataset(td.tokenized["train"]),
-                              data_collator=demo_model.PadCollator(pad_id))
+                              data_collator=demo_model.PadCollator(pad_id), callbacks=list(callbacks) or None)
         start = time.perf_counter()
         result = trainer.train()
         seconds = time.perf_counter() - start
@@ -278,6 +279,8 @@ def finetune_one(cfg: StudyConfig, model_path: str, head: ZeroShotHead, td: Task
               "seed": seed, "train_seconds": seconds, "optimizer_steps": int(trainer.state.global_step),
               "seconds_per_step": seconds / max(1, int(trainer.state.global_step)),
               "train_loss": result.training_loss, "logged_losses": losses, "signature": signature}
+    if ckpt_dir is None:
+        return record
     with atomic_directory(ckpt_dir, overwrite=True) as tmp:
         encoder.save_pretrained(tmp)
         write_json_atomic(tmp / "saft_demo_training.json", record)
@@ -447,6 +450,14 @@ def run_study(cfg: StudyConfig) -> dict:
 
         effects = compare_methods(cfg, runs)
 
+    monitor = {"status": "skipped (enable with --monitor N)"}
+    if cfg.monitor_every > 0:
+        with timer("merge monitor pass (optional)"):
+            from saft_hf.demo.monitor import run_monitor
+
+            monitor = run_monitor(cfg, model_path, encoder0, heads, tasks, task_pool, pad_id, records, signature,
+                                  output_dir)
+
     with timer("diagnostics (optional)"):
         checkpoints = {(s, m): {n: records[(s, m, n)]["checkpoint"] for n in tasks}
                        for s in cfg.seeds for m in cfg.methods}
@@ -471,6 +482,7 @@ def run_study(cfg: StudyConfig) -> dict:
                      for (s, m, n), r in records.items()},
         "runs": {str(s): r for s, r in runs.items()},
         "effects": effects,
+        "merge_monitor": monitor,
         "diagnostics": diagnostics,
     }
     study["summary"] = demo_report.aggregate(study)
