@@ -5,6 +5,8 @@ TIES) and evaluated (absolute and normalized accuracy). The paper's protocol at 
 Stages (each one resumable: fine-tuned encoders are cached in HF format under the cache dir and
 reused when the configuration matches):
   prepare_tasks -> build_heads -> finetune_all -> evaluate_individual -> merge_and_evaluate
+  (per-example test correctness recorded) -> paired statistics of every method vs AdamW
+  (`saft_hf.demo.effects`) -> merge monitor pass (`--monitor N`, `saft_hf.demo.monitor`)
   -> run_diagnostics (on by default, `--no-analysis`) -> report
 """
 from __future__ import annotations
