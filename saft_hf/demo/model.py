@@ -157,9 +157,13 @@ def encode(encoder: nn.Module, split_ids: Sequence[Sequence[int]], pad_id: int, 
     return torch.stack(out) if out else torch.zeros(0)
 
 
+def correct(head: ZeroShotHead, features: torch.Tensor, labels: Sequence[int]) -> torch.Tensor:
+    """Per-example correctness (bool `[n]`) of the head's argmax prediction."""
+    return head(features).argmax(dim=-1) == torch.tensor(list(labels))
+
+
 def accuracy(head: ZeroShotHead, features: torch.Tensor, labels: Sequence[int]) -> float:
-    preds = head(features).argmax(dim=-1)
-    return float((preds == torch.tensor(list(labels))).float().mean())
+    return float(correct(head, features, labels).float().mean())
 
 
 def embed_texts_fn(encoder: nn.Module, tokenizer, max_length: int):

@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 import torch
 
 from saft_hf.demo import model as demo_model
-from saft_hf.pools import CheckpointModelPool, TaskInfo, TaskPool
+from saft_hf.pools import CheckpointModelPool, PerExampleScores, TaskInfo, TaskPool
 
 SPLIT_NAMES = {"validation": "validation", "test": "test"}
 
@@ -52,18 +52,25 @@ class DemoTaskPool(TaskPool):
         return data.subset(max_examples) if max_examples else data
 
     def evaluate(self, model, split="validation", tasks=None, max_examples=None, desc: str | None = None):
+        return self.evaluate_per_example(model, split, tasks, max_examples, desc).scores
+
+    def evaluate_per_example(self, model, split="test", tasks=None, max_examples=None,
+                             desc: str | None = None) -> PerExampleScores:
+        """Accuracy and per-example correctness (the split's stored order) of one pass."""
         tasks = self.check_tasks(tasks)
         encoder = model if isinstance(model, torch.nn.Module) else None
         if encoder is None:
             self.load(model)
             encoder = self.encoder
-        out = {}
+        scores, correct = {}, {}
         for name in tasks:
             data = self.split(name, split, max_examples)
             feats = demo_model.encode(encoder, data.input_ids, self.pad_id, self.batch_size,
                                       desc if self.progress else None)
-            out[name] = demo_model.accuracy(self.heads[name], feats, data.labels)
-        return out
+            hits = demo_model.correct(self.heads[name], feats, data.labels)
+            scores[name] = float(hits.float().mean())  # = demo_model.accuracy, bit for bit
+            correct[name] = hits.numpy()
+        return PerExampleScores(scores, correct)
 
     def unlabeled_inputs(self, task, split="validation", max_examples=None):
         data = self.split(task, split, max_examples)

@@ -8,7 +8,16 @@ from pathlib import Path
 
 from saft_hf.io_utils import atomic_path, write_json_atomic, write_text_atomic
 
-METHOD_LABELS = {"adamw": "AdamW", "asam": "ASAM"}
+METHOD_LABELS = {"adamw": "AdamW", "asam": "ASAM", "sam": "SAM"}
+COLORS = ["#7f8c8d", "#c0392b", "#2980b9", "#27ae60", "#8e44ad", "#d35400"]
+
+
+def method_label(method: str) -> str:
+    return METHOD_LABELS.get(method, method)
+
+
+def _methods(study: dict) -> list[str]:
+    return [m for m in study["config"]["methods"] if any(r.get("method") == m for r in study["summary"].values())]
 _INDIVIDUAL = {"row": "fine-tuned individually", "plot": "fine-tuned\nindividually", "short": "indiv."}
 
 
@@ -63,7 +72,7 @@ def aggregate(study: dict) -> dict:
             row = labels.get("study_row")
             if row is not None and row.fixed and "coefficient" in per_seed[0]:  # the fixed ablation: show its value
                 label = label.replace(" fixed)", f" = {per_seed[0]['coefficient']:g})")
-            rows[f"{label} / {METHOD_LABELS.get(method, method)}"] = _combine(per_seed, method, kind)
+            rows[f"{label} / {method_label(method)}"] = _combine(per_seed, method, kind)
     return rows
 
 
@@ -90,13 +99,17 @@ def markdown(study: dict) -> str:
                                          with_std(row, "normalized_mean"), coef]) + " |")
     cfg = study["config"]
     seeds = ", ".join(str(s) for s in cfg["seeds"])
+    names = {m: method_label(m) for m in cfg["methods"]}
     out = [
-        "# SAFT demo: AdamW vs ASAM fine-tuning, then merging",
+        "# SAFT demo: " + " vs ".join(names.values()) + " fine-tuning, then merging",
         "",
         f"Encoder `{study.get('model_label', study['model'])}`; tasks: {', '.join(tasks)}; seeds: {seeds}; "
         f"{cfg['train_steps']} steps x batch {cfg['batch_size']}, lr {cfg['learning_rate']:g}, "
         f"ASAM rho {cfg['asam_rho']:g}, max length {cfg['max_length']}; logit scale "
         f"{study['logit_scale']['chosen']:g} ({study['logit_scale']['rule']}).",
+        "",
+        *_effects_section(study, names),
+        "## Accuracy",
         "",
         "Test accuracy (%) per task, mean absolute accuracy and mean normalized accuracy "
         "(merged / that method's own fine-tuned accuracy)" + (f"; mean ± std over {n_seeds} seeds." if n_seeds > 1 else "."),
@@ -105,6 +118,21 @@ def markdown(study: dict) -> str:
         *lines,
         "",
     ]
+    mon = study.get("merge_monitor") or {}
+    if mon.get("methods"):
+        out += ["## Merge monitor", "",
+                f"Task arithmetic (alpha {mon['merge']['scaling']:g}, fixed) of `{mon['task']}` while it fine-tunes "
+                f"(seed {mon['seed']}, every {mon['every_n_steps']} steps) with the other tasks' fine-tuned task "
+                f"vectors of the same method; {mon['validation_examples']} validation examples per task. "
+                f"![merge monitor]({mon['plot']})", "",
+                "| method | final merged abs | final merged norm | seconds / call | calls | share of training time |",
+                "|---|---|---|---|---|---|"]
+        for m, r in mon["methods"].items():
+            norm = r["merged_mean_normalized"][-1] if r["merged_mean_normalized"] else None
+            out.append(f"| {method_label(m)} | {100 * r['merged_mean_accuracy'][-1]:.2f} | "
+                       + (f"{100 * norm:.2f}" if norm is not None else "-")
+                       + f" | {r['seconds_per_call']:.2f} | {r['calls']} | {100 * r['share_of_training_time']:.0f}% |")
+        out.append("")
     if study.get("skipped_tasks"):
         out += ["Skipped tasks (source unavailable): "
                 + "; ".join(f"{k}: {v}" for k, v in study["skipped_tasks"].items()), ""]
@@ -129,6 +157,28 @@ def markdown(study: dict) -> str:
     return "\n".join(out)
 
 
+def _effects_section(study: dict, names: dict) -> list[str]:
+    """The report's lead: each method's effect against the baseline with CIs and McNemar, its forest
+    plot, then the cost / benefit table."""
+    from saft_hf.demo.effects import cost_markdown
+    from saft_hf.evaluation.compare import comparison_from_json, comparison_markdown
+
+    out = []
+    if study.get("effects"):
+        cmp = comparison_from_json(study["effects"])
+        out += ["## Effect on merging (paired statistics)", "",
+                "No parameter of these statistics depends on which method wins: 95% percentile bootstrap, "
+                f"{cmp['n_boot']} replicates, bootstrap seed {cmp['bootstrap_seed']}, every merge row reported.", "",
+                comparison_markdown(cmp, names, {t: f"effects_{t}.png" for t in cmp["effects"]})]
+    if study.get("cost_benefit"):
+        out += ["## Cost and benefit", "",
+                "Fine-tuning cost per optimizer step (wall seconds, measured in this run's training; ratio to "
+                f"{names.get(study['cost_benefit']['baseline'], study['cost_benefit']['baseline'])}) next to mean "
+                "test accuracy (%) of the individually fine-tuned models and of each merge (absolute / normalized), "
+                "mean over seeds.", "", cost_markdown(study["cost_benefit"], names)]
+    return out
+
+
 def plot(study: dict, path: Path) -> None:
     import matplotlib
 
@@ -137,7 +187,7 @@ def plot(study: dict, path: Path) -> None:
 
     rows = study["summary"]
     kinds = _kinds(rows)
-    methods = [m for m in METHOD_LABELS if any(r.get("method") == m for r in rows.values())]
+    methods = _methods(study)
     zero = rows["zero-shot (pretrained)"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     width = 0.8 / max(1, len(methods))
@@ -150,8 +200,8 @@ def plot(study: dict, path: Path) -> None:
                 vals.append(100 * row[key])
                 errs.append(100 * row.get(f"{key}_std", 0.0))
             xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(kinds))]
-            bars = ax.bar(xs, vals, width, yerr=errs if any(errs) else None, label=METHOD_LABELS[method],
-                          color=["#7f8c8d", "#c0392b"][j % 2], capsize=3)
+            bars = ax.bar(xs, vals, width, yerr=errs if any(errs) else None, label=method_label(method),
+                          color=COLORS[j % len(COLORS)], capsize=3)
             ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
         if key == "absolute_mean":
             ax.axhline(100 * zero["absolute_mean"], color="#2c3e50", ls="--", lw=1,
@@ -178,7 +228,7 @@ def plot_per_task(study: dict, path: Path) -> None:
     rows = study["summary"]
     tasks = rows["zero-shot (pretrained)"]["tasks"]
     kinds = _kinds(rows)
-    methods = [m for m in METHOD_LABELS if any(r.get("method") == m for r in rows.values())]
+    methods = _methods(study)
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.6), sharey=True, squeeze=False)
     width = 0.8 / max(1, len(methods))
     for ax, task in zip(axes[0], tasks):
@@ -186,7 +236,7 @@ def plot_per_task(study: dict, path: Path) -> None:
             vals = [100 * next(r for r in rows.values() if r.get("kind") == k and r.get("method") == method)
                     ["absolute"][task] for k in kinds]
             xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(kinds))]
-            ax.bar(xs, vals, width, label=METHOD_LABELS[method], color=["#7f8c8d", "#c0392b"][j % 2])
+            ax.bar(xs, vals, width, label=method_label(method), color=COLORS[j % len(COLORS)])
         ax.axhline(100 * rows["zero-shot (pretrained)"]["absolute"][task], color="#2c3e50", ls="--", lw=1)
         ax.set_title(task, fontsize=9)
         ax.set_xticks(range(len(kinds)))
@@ -210,6 +260,12 @@ def write_report(study: dict, output_dir: Path) -> dict[str, Path]:
         write_text_atomic(paths["markdown"], markdown(study))
         plot(study, paths["plot"])
         plot_per_task(study, paths["plot_per_task"])
+        if study.get("effects"):
+            from saft_hf.evaluation.compare import comparison_from_json, forest_plots
+
+            names = {m: method_label(m) for m in study["config"]["methods"]}
+            for treatment, name in forest_plots(comparison_from_json(study["effects"]), output_dir, names).items():
+                paths[f"forest_{treatment}"] = output_dir / name
     except BaseException:
         if created:  # a report directory of ours alone: a failed write leaves nothing behind
             shutil.rmtree(output_dir, ignore_errors=True)

@@ -5,6 +5,8 @@ TIES) and evaluated (absolute and normalized accuracy). The paper's protocol at 
 Stages (each one resumable: fine-tuned encoders are cached in HF format under the cache dir and
 reused when the configuration matches):
   prepare_tasks -> build_heads -> finetune_all -> evaluate_individual -> merge_and_evaluate
+  (per-example test correctness recorded) -> paired statistics of every method vs AdamW
+  (`saft_hf.demo.effects`) -> merge monitor pass (`--monitor N`, `saft_hf.demo.monitor`)
   -> run_diagnostics (on by default, `--no-analysis`) -> report
 """
 from __future__ import annotations
@@ -35,10 +37,22 @@ from saft_hf.io_utils import atomic_directory, check_output_directory, write_jso
 from saft_hf.pools import InMemoryModelPool
 from saft_hf.tasks.text_demo import DEFAULT_TASKS, TextTask, get_task
 
-METHODS = {"adamw": 0.0, "asam": None}  # sam_rho per method; None = the config's asam_rho
+BASELINE_METHOD = "adamw"
+
+
+def fine_tuning_methods() -> dict[str, tuple[float | None, str]]:
+    """{--methods name: (sam_rho, sam_variant)}: "adamw" (sam_rho 0, plain AdamW) and every SAM
+    variant of the registry (`saft_hf.sam_variants`) under its own name, with sam_rho None = the
+    config's rho (`asam_rho`, or `sam_rhos[name]`). Read on each call: variants may be registered later."""
+    from saft_hf.sam_variants.registry import sam_variant_names
+
+    # AdamW keeps sam_variant "asam" (ignored at rho 0) so its runs are bit-identical to the first release's
+    return {BASELINE_METHOD: (0.0, "asam"), **{name: (None, name) for name in sam_variant_names()}}
 
 
 def __getattr__(name: str):
+    if name == "METHODS":  # {method: sam_rho} (None = the config's rho), as before the variant registry
+        return {m: rho for m, (rho, _variant) in fine_tuning_methods().items()}
     if name == "MERGES":  # the merge rows' names, read from the registry on each access (methods may be registered later)
         return tuple(m.name for m in study_methods(StudyConfig()))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -80,6 +94,10 @@ class StudyConfig:
     threads: int | None = None
     analysis: bool = False
     min_tasks: int = 2
+    sam_rhos: dict | None = None  # {method: rho} for SAM variants that should not use asam_rho
+    n_boot: int = 10000  # bootstrap replicates of the ASAM - AdamW effect statistics
+    monitor_every: int = 0  # > 0: MergeMonitorCallback every N steps on the last task (--monitor)
+    monitor_val_size: int = 64  # validation examples per task the monitor evaluates
     # Injected by tests: name -> (TextTask, {"all"| "train"/"test": [(text, label)]}), bypassing fetch.
     task_data_override: dict | None = field(default=None, repr=False)
 
@@ -102,7 +120,8 @@ class StudyConfig:
                 "batch_size": self.batch_size, "learning_rate": self.learning_rate,
                 "weight_decay": self.weight_decay, "warmup_ratio": self.warmup_ratio, "asam_rho": self.asam_rho,
                 "logit_scale": logit_scale, "max_train": self.max_train, "test_fraction": self.test_fraction,
-                "data_seed": demo_data.DATA_SEED}
+                "data_seed": demo_data.DATA_SEED,
+                **({"sam_rhos": dict(self.sam_rhos)} if self.sam_rhos else {})}  # absent by default: old keys hold
 
 
 # Budgets (2-core CPU): default <= 20 min, --quick <= 5 min from a fresh cache; fine-tuning is
@@ -237,13 +256,14 @@ def build_heads(encoder, tokenizer, tasks: dict[str, TaskData], cfg: StudyConfig
 
 
 def finetune_one(cfg: StudyConfig, model_path: str, head: ZeroShotHead, td: TaskData, method: str, seed: int,
-                 pad_id: int, ckpt_dir: Path, signature: dict) -> dict:
+                 pad_id: int, ckpt_dir: Path | None, signature: dict, callbacks: Sequence = ()) -> dict:
     """Fine-tune the encoder on one task with SAFTTrainer (sam_rho=0 = plain AdamW) and save it
-    atomically in HF format; return the training record."""
+    atomically in HF format (not when `ckpt_dir` is None); return the training record.
+    `callbacks`: extra Trainer callbacks (the merge monitor's pass)."""
     from saft_hf import SAFTTrainer, SAFTTrainingArguments
     from saft_hf.heads import EncoderClassifier
 
-    rho = cfg.asam_rho if METHODS[method] is None else METHODS[method]
+    rho, variant = method_setting(cfg, method)
     torch.manual_seed(seed)
     encoder = demo_model.load_encoder(model_path)
     model = EncoderClassifier(encoder, head, "mean_pooled_text")
@@ -254,15 +274,19 @@ def finetune_one(cfg: StudyConfig, model_path: str, head: ZeroShotHead, td: Task
             lr_scheduler_type="cosine", max_grad_norm=1.0, seed=seed, data_seed=seed, save_strategy="no",
             logging_steps=max(1, cfg.train_steps // 5), report_to="none", use_cpu=True,
             dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False,
-            sam_rho=rho, sam_variant="asam")
+            sam_rho=rho, sam_variant=variant)
         trainer = SAFTTrainer(model=model, args=args, train_dataset=demo_model.TrainDataset(td.tokenized["train"]),
-                              data_collator=demo_model.PadCollator(pad_id))
+                              data_collator=demo_model.PadCollator(pad_id), callbacks=list(callbacks) or None)
         start = time.perf_counter()
         result = trainer.train()
         seconds = time.perf_counter() - start
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    record = {"task": td.task.name, "method": method, "sam_rho": rho, "seed": seed, "train_seconds": seconds,
+    record = {"task": td.task.name, "method": method, "sam_rho": rho, "sam_variant": variant if rho else None,
+              "seed": seed, "train_seconds": seconds, "optimizer_steps": int(trainer.state.global_step),
+              "seconds_per_step": seconds / max(1, int(trainer.state.global_step)),
               "train_loss": result.training_loss, "logged_losses": losses, "signature": signature}
+    if ckpt_dir is None:
+        return record
     with atomic_directory(ckpt_dir, overwrite=True) as tmp:
         encoder.save_pretrained(tmp)
         write_json_atomic(tmp / "saft_demo_training.json", record)
@@ -292,6 +316,17 @@ def cached_record(ckpt: Path) -> dict | None:
         log(f"WARNING: cached checkpoint {ckpt} cannot be reused ({err}); training it again")
         return None
     return record
+
+
+def method_setting(cfg: StudyConfig, method: str) -> tuple[float, str]:
+    """(sam_rho, sam_variant) a fine-tuning method trains with."""
+    methods = fine_tuning_methods()
+    if method not in methods:
+        raise ValueError(f"unknown fine-tuning method {method!r}; choose from {sorted(methods)}")
+    rho, variant = methods[method]
+    if rho is None:
+        rho = (cfg.sam_rhos or {}).get(method, cfg.asam_rho)
+    return float(rho), variant
 
 
 def checkpoint_dir(cache_dir: Path, signature: dict, task: str, method: str, seed: int) -> Path:
@@ -343,8 +378,13 @@ def _demo_row(row: dict) -> dict:
     the coefficient, the searched parameters other than the linear one, the validation search."""
     from saft_hf.evaluation.study import search_scores
 
+    from saft_hf.evaluation.study import table_label
+
     out = {k: row[k] for k in ("tasks", "absolute", "absolute_mean", "normalized", "normalized_mean")}
     out["coefficient"] = row["coefficient"]
+    out["label"] = table_label(row)
+    if "correct" in row:  # per-example test correctness, "0110..." (paired statistics)
+        out["correct"] = row["correct"]
     if row["search"] is not None:
         out.update({k: v for k, v in row["params"].items() if k != row["linear_param"]})
     scores = search_scores(row)
@@ -360,7 +400,7 @@ def merge_and_evaluate(cfg: StudyConfig, model_pool, task_pool: DemoTaskPool, la
     from saft_hf.evaluation.study import run_merge_study
 
     result = run_merge_study(model_pool, task_pool, study_methods(cfg), search_max_examples=cfg.search_val_size,
-                             individual="evaluate", zero_shot=False, log=log, label=label)
+                             individual="evaluate", zero_shot=False, log=log, label=label, per_example=True)
     return result["individual"], {name: _demo_row(row) for name, row in result["methods"].items()}
 
 
@@ -455,6 +495,19 @@ def run_study(cfg: StudyConfig) -> dict:
                 runs[seed]["methods"][method] = {"individual": ind_summary, "merges": merges}
                 del pool
 
+    with timer("statistics: paired effects vs AdamW"):
+        from saft_hf.demo.effects import compare_methods
+
+        effects = compare_methods(cfg, runs)
+
+    monitor = {"status": "skipped (enable with --monitor N)"}
+    if cfg.monitor_every > 0:
+        with timer("merge monitor pass (optional)"):
+            from saft_hf.demo.monitor import run_monitor
+
+            monitor = run_monitor(cfg, model_path, encoder0, heads, tasks, task_pool, pad_id, records, signature,
+                                  output_dir)
+
     with timer("diagnostics (optional)"):
         checkpoints = {(s, m): {n: records[(s, m, n)]["checkpoint"] for n in tasks}
                        for s in cfg.seeds for m in cfg.methods}
@@ -478,9 +531,14 @@ def run_study(cfg: StudyConfig) -> dict:
         "training": {f"{m}-seed{s}-{n}": {k: v for k, v in r.items() if k != "signature"}
                      for (s, m, n), r in records.items()},
         "runs": {str(s): r for s, r in runs.items()},
+        "effects": effects,
+        "merge_monitor": monitor,
         "diagnostics": diagnostics,
     }
     study["summary"] = demo_report.aggregate(study)
+    from saft_hf.demo.effects import cost_benefit
+
+    study["cost_benefit"] = cost_benefit(study)
     study["timings_seconds"] = {**timer.seconds, "total": time.perf_counter() - wall_start}
     study["cpu_seconds"] = {**timer.cpu_seconds, "total": cpu_seconds()}
     study["resources"] = {"peak_rss_mb": peak_memory_mb(), "torch_threads": torch.get_num_threads(),

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from saft_hf.evaluation import markdown_table, summarize
-from saft_hf.pools import ModelPool, TaskPool
+from saft_hf.pools import ModelPool, TaskPool, correctness_to_bits
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def run_merge_study(model_pool: ModelPool, task_pool: TaskPool, methods: Sequenc
                     search_max_examples: int | None = None, test_max_examples: int | None = None,
                     individual: Mapping[str, float] | str = "auto", zero_shot: bool = True,
                     test_split: str = "test", progress: bool = True,
-                    log: Callable[[str], None] | None = None, label: str = "") -> dict:
+                    log: Callable[[str], None] | None = None, label: str = "", per_example: bool = False) -> dict:
     """Search on validation, evaluate on test, every method; returns the study dict.
 
     individual: the individually fine-tuned test scores normalization divides by: a mapping,
@@ -181,6 +181,13 @@ def run_merge_study(model_pool: ModelPool, task_pool: TaskPool, methods: Sequenc
     task), or "auto" (recorded when every task has one, else evaluated).
     Result: {"tasks", "zero_shot"?, "individual", "methods": {name: {**summarize(test, individual),
     "label", "params", "coefficient", "search"}}} (scores are fractions).
+
+    per_example: also record every test evaluation's per-example correctness
+    (`TaskPool.evaluate_per_example`): each row (zero-shot, individual, every method) gets
+    "correct" {task: "0110..." one character per test example, the split's fixed order}; the
+    individual row's comes from each fine-tuned model on its own task (evaluated even when the
+    normalization uses recorded scores). Tasks without per-example correctness are listed in
+    result["per_example_excluded"]. These are the inputs of `saft_hf.evaluation.compare`.
     """
     from saft_hf.merging import registry, search_coefficients, task_vector
 
@@ -194,10 +201,32 @@ def run_merge_study(model_pool: ModelPool, task_pool: TaskPool, methods: Sequenc
     theta0 = model_pool.pretrained_state_dict()
     result: dict = {"tasks": list(tasks), "label": label}
     finetuned = {t: model_pool.finetuned_state_dict(t) for t in tasks}
-    ind = _individual_scores(individual, model_pool, task_pool, finetuned, test_split, test_max_examples)
+    excluded: dict[str, str] = {}
+
+    def test_eval(state, names) -> tuple[dict, dict | None]:
+        """(scores, {task: bits} or None) of one test evaluation."""
+        if not per_example:
+            return task_pool.evaluate(state, test_split, names, test_max_examples), None
+        res = task_pool.evaluate_per_example(state, test_split, names, test_max_examples)
+        excluded.update(res.excluded)
+        return res.scores, {t: correctness_to_bits(c) for t, c in res.correct.items()}
+
+    own_correct, evaluated = None, None
+    if per_example:  # each fine-tuned model on its own task, correctness and score from one pass
+        own_correct, evaluated = {}, {}
+        for t in tasks:
+            scores, bits = test_eval(finetuned[t], [t])
+            evaluated[t] = scores[t]
+            own_correct.update(bits)
+    ind = _individual_scores(individual, model_pool, task_pool, finetuned, test_split, test_max_examples, evaluated)
     if zero_shot:
-        result["zero_shot"] = summarize(task_pool.evaluate(theta0, test_split, tasks, test_max_examples), ind)
+        scores, bits = test_eval(theta0, tasks)
+        result["zero_shot"] = summarize(scores, ind)
+        if bits is not None:
+            result["zero_shot"]["correct"] = bits
     result["individual"] = summarize(ind, ind)
+    if own_correct is not None:
+        result["individual"]["correct"] = own_correct
     search_reference = model_pool.recorded_scores("validation")  # None: rank grid points by absolute score
     result["search_score"] = "mean normalized validation score" if search_reference else "mean absolute validation score"
     names = list(tasks)
@@ -224,7 +253,10 @@ def run_merge_study(model_pool: ModelPool, task_pool: TaskPool, methods: Sequenc
         config = _merge_config(method, search)
         params = {**method.params, **(search.best_params if search is not None else {})}
         merged = _merge(config, theta0, fts, vecs, data if reads else None)
-        row = summarize(task_pool.evaluate(merged, test_split, names, test_max_examples), ind)
+        scores, bits = test_eval(merged, names)
+        row = summarize(scores, ind)
+        if bits is not None:
+            row["correct"] = bits
         del merged
         row.update({"label": method.label, "merge": method.merge, "method": config["method"],
                     "linear_param": registry.get_method(config["method"]).linear_param, "params": params,
@@ -233,10 +265,15 @@ def run_merge_study(model_pool: ModelPool, task_pool: TaskPool, methods: Sequenc
         result["methods"][method.name] = row
         say(f"{label + ' ' if label else ''}{method.name}: avg abs {100 * row['absolute_mean']:.2f}, "
             f"avg norm {100 * row['normalized_mean']:.2f}, params {params}")
+    if per_example:
+        result["per_example_excluded"] = excluded
     return result
 
 
-def _individual_scores(individual, model_pool, task_pool, finetuned, split, max_examples) -> dict[str, float]:
+def _individual_scores(individual, model_pool, task_pool, finetuned, split, max_examples,
+                       evaluated: Mapping[str, float] | None = None) -> dict[str, float]:
+    """The normalization's individual scores; `evaluated`: each fine-tuned model's own-task score
+    already measured (not evaluated again)."""
     if isinstance(individual, Mapping):
         return {t: float(individual[t]) for t in model_pool.tasks}
     if individual not in ("auto", "recorded", "evaluate"):
@@ -247,6 +284,8 @@ def _individual_scores(individual, model_pool, task_pool, finetuned, split, max_
     if individual == "recorded":
         raise KeyError(f"individual='recorded' but not every fine-tuned run recorded a {split} score; "
                        "use individual='evaluate'")
+    if evaluated is not None:
+        return {t: float(evaluated[t]) for t in model_pool.tasks}
     return {t: task_pool.evaluate(finetuned[t], split, [t], max_examples)[t] for t in model_pool.tasks}
 
 

@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from saft_hf.pools import CheckpointModelPool, TaskInfo, TaskPool
+from saft_hf.pools import CheckpointModelPool, PerExampleScores, TaskInfo, TaskPool
 from saft_hf.tasks.glue import GLUE_HUB_DATASET, get_task, score_metric
 
 STUDY_TEST_SPLIT = "validation"
@@ -74,6 +74,21 @@ class GlueTaskPool(TaskPool):
         tasks = self.check_tasks(tasks)
         state = model.state_dict() if isinstance(model, torch.nn.Module) else model
         return self.evaluator(split, tasks, max_examples)(state)
+
+    def evaluate_per_example(self, model, split="test", tasks=None, max_examples=None):
+        """Scores as `evaluate` (each task's metric) and exact-match correctness per example for the
+        classification tasks; its mean is the task's accuracy, which is what paired statistics
+        compare (for CoLA / MRPC / QQP that is accuracy, not their MCC / F1 score). STS-B
+        (regression, Spearman) has no per-example correctness and is listed in `excluded`."""
+        import numpy as np
+
+        tasks = self.check_tasks(tasks)
+        state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+        metrics, correct = self.evaluator(split, tasks, max_examples).evaluate_per_example(state)
+        excluded = {t: "regression task (Spearman correlation): no per-example correctness"
+                    for t in tasks if t not in correct}
+        return PerExampleScores({t: m["score"] for t, m in metrics.items()},
+                                {t: np.asarray(c, dtype=bool) for t, c in correct.items()}, excluded)
 
     def unlabeled_inputs(self, task, split="validation", max_examples=None):
         yield from self._padded(self.evaluator(split, [task], max_examples).encoded[task])

@@ -168,9 +168,15 @@ class GlueEvaluator:
 
     def evaluate(self, state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
         """All metrics per task; with `state_dict`, first load it into the model (in place)."""
+        return self.evaluate_per_example(state_dict)[0]
+
+    def evaluate_per_example(self, state_dict: Mapping[str, torch.Tensor] | None = None
+                             ) -> tuple[dict[str, dict[str, float]], dict[str, list[bool]]]:
+        """(`evaluate`'s metrics, {task: exact-match correctness per example}) from one generation
+        pass. Regression tasks (STS-B) have no per-example correctness and are left out of the second."""
         if state_dict is not None:
             load_state_dict_into(self.model, state_dict)
-        results = {}
+        results, correct = {}, {}
         for task in self.tasks:
             encoded = self.encoded[task.name]
             texts = generate_texts(
@@ -180,7 +186,9 @@ class GlueEvaluator:
             metrics["score"] = metrics[self.score_metrics[task.name]]
             metrics["score_metric"] = self.score_metrics[task.name]
             results[task.name] = metrics
-        return results
+            if not task.is_regression:
+                correct[task.name] = [parse_prediction(task, t)[0] == r for t, r in zip(texts, encoded["reference"])]
+        return results, correct
 
     def __call__(self, state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
         return {task: m["score"] for task, m in self.evaluate(state_dict).items()}

@@ -138,6 +138,7 @@ def run_glue_merge_study(
     device: str | None = None,
     progress: bool = True,
     merges: Sequence[str] | None = None,
+    per_example: bool = True,
     **pool_kwargs,
 ) -> dict:
     """`merges`: the methods to run (default: every study method; data-reading ones such as
@@ -148,7 +149,8 @@ def run_glue_merge_study(
     (normalized by each run's recorded validation score), reported on `STUDY_TEST_SPLIT` (GLUE's
     validation split: its test labels are hidden). `alphas` / `densities` replace the registry's
     grid of every method searching `scaling` / `density`. Writes results.json, results.md and
-    results.png into `output_dir`; returns the study dict."""
+    results.png into `output_dir`; returns the study dict. per_example: results.json records each
+    test example's correctness for the classification tasks (input of `saft-hf compare`)."""
     from saft_hf.evaluation.study import (check_study_output, default_study_methods, grids_for_params,
                                           run_merge_study, write_study_report)
     from saft_hf.glue.pools import STUDY_TEST_SPLIT, GlueTaskPool, glue_model_pool
@@ -168,6 +170,7 @@ def run_glue_merge_study(
     task_pool = GlueTaskPool(tasks, pretrained, data_paths=data_paths, device=device, **pool_kwargs)
     result = run_merge_study(model_pool, task_pool, methods, search_max_examples=search_max_samples,
                              test_max_examples=test_max_samples, test_split=STUDY_TEST_SPLIT, progress=progress,
+                             per_example=per_example,
                              label=f"{Path(str(pretrained)).name}, GLUE {' '.join(tasks)}")
     write_study_report(result, output_dir, inputs=inputs)
     return result

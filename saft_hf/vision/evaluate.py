@@ -121,14 +121,26 @@ class VisionEvaluator:
 
     __call__ = evaluate
 
-    def _task_accuracy(self, name: str) -> float:
+    @torch.no_grad()
+    def evaluate_per_example(self, state_dict: Mapping[str, torch.Tensor] | None = None,
+                             tasks: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """{task: bool correctness per example}, in the split's fixed (subset) order; its mean is
+        `evaluate`'s accuracy."""
+        if state_dict is not None:
+            self.load_weights(state_dict)
+        return {name: self._task_correct(name) for name in (self.tasks if tasks is None else tasks)}
+
+    def _task_correct(self, name: str) -> torch.Tensor:
         cache = self._cache[name]
-        correct, total = 0, 0
+        hits = []
         for pixels, labels in self._batches(name):
             features = self.model(pixel_values=normalize_uint8(pixels.to(self.device), self.processor)).image_embeds
-            correct += (cache.head(features).argmax(dim=-1).cpu() == labels).sum().item()
-            total += labels.numel()
-        return correct / max(total, 1)
+            hits.append(cache.head(features).argmax(dim=-1).cpu() == labels)
+        return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+
+    def _task_accuracy(self, name: str) -> float:
+        hits = self._task_correct(name)
+        return int(hits.sum()) / max(hits.numel(), 1)
 
     def _batches(self, name: str):
         cache = self._cache[name]

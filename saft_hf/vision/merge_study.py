@@ -71,9 +71,11 @@ def run_merge_study(run_dirs: Sequence[str | Path], output_dir: str | Path, pret
                     data_paths: Mapping[str, str] | None = None, search_max_samples: int | None = None,
                     test_max_samples: int | None = None, grid: Mapping[str, Mapping] | None = None,
                     head_cache_dir: str | None = None, batch_size: int = 128, device: str | None = None,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, per_example: bool = True) -> dict:
     """Search, merge, evaluate (the shared driver, `saft_hf.evaluation.study`); write `merge_study.json`
-    and `merge_study.md` (plus the driver's results.json / results.md / results.png) into `output_dir`."""
+    and `merge_study.md` (plus the driver's results.json / results.md / results.png) into `output_dir`.
+    per_example: results.json records each test example's correctness (input of `saft-hf compare`;
+    costs one test evaluation of each fine-tuned model on its own task)."""
     from saft_hf.evaluation.study import run_merge_study as run_study, write_study_report
     from saft_hf.vision.pools import VisionTaskPool, vision_model_pool
 
@@ -91,7 +93,7 @@ def run_merge_study(run_dirs: Sequence[str | Path], output_dir: str | Path, pret
                                batch_size=batch_size, device=device, linearized=linearized, progress=progress)
     result = run_study(model_pool, task_pool, specs,
                        search_max_examples=search_max_samples, test_max_examples=test_max_samples,
-                       individual="recorded", progress=progress)
+                       individual="recorded", progress=progress, per_example=per_example)
     rows = {"pretrained (zero-shot)": result["zero_shot"], "fine-tuned (individual)": result["individual"]}
     details: dict = {}
     for name, row in result["methods"].items():

@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from saft_hf.pools import CheckpointModelPool, TaskInfo, TaskPool
+from saft_hf.pools import CheckpointModelPool, PerExampleScores, TaskInfo, TaskPool
 from saft_hf.tasks.vision import get_vision_task
 
 CACHE_IMAGES = {"validation": True, "test": False}
@@ -55,6 +55,13 @@ class VisionTaskPool(TaskPool):
         tasks = self.check_tasks(tasks)
         state = model.state_dict() if isinstance(model, torch.nn.Module) else model
         return self.evaluator(split, max_examples).evaluate(state, tasks)
+
+    def evaluate_per_example(self, model, split="test", tasks=None, max_examples=None):
+        tasks = self.check_tasks(tasks)
+        state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+        hits = self.evaluator(split, max_examples).evaluate_per_example(state, tasks)
+        return PerExampleScores({t: int(h.sum()) / max(h.numel(), 1) for t, h in hits.items()},
+                                {t: h.numpy() for t, h in hits.items()})
 
     def unlabeled_inputs(self, task, split="validation", max_examples=None):
         from saft_hf.vision.data import normalize_uint8
