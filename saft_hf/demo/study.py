@@ -47,7 +47,7 @@ def merge_rows(cfg: "StudyConfig | None" = None) -> list:
             m = registry.get_method(name)
             if m.fixed_ablation and m.linear_param:
                 fixed[name] = {**m.fixed_ablation, m.linear_param: cfg.fixed_alpha}
-    return registry.study_rows(fixed_overrides=fixed)
+    return registry.study_rows(fixed_overrides=fixed, num_tasks=len(cfg.tasks) if cfg is not None else None)
 
 
 def __getattr__(name: str):

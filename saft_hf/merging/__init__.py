@@ -2,14 +2,16 @@
 TIES, ... - see `saft_hf.merging.registry`) with transforms (DARE, ...), coefficient search, and a
 streamed on-disk merge (`merge_models`, `saft-hf merge`)."""
 from . import registry
-from .api import dare, merge, merge_finetuned, task_arithmetic, task_vector, ties_merging, weighted_average
+from .api import (breadcrumbs, dare, della, iso_c, iso_cts, merge, merge_finetuned, model_stock, slerp, task_arithmetic,
+                  task_vector, ties_merging, tsv_merging, weighted_average)
 from .io import CheckpointError, open_source
 from .pipeline import MergeConfig, merge_models
 from .search import SearchResult, search_coefficients
 from .topk import exact_kth_abs
 
 __all__ = [
-    "CheckpointError", "MergeConfig", "SearchResult", "dare", "exact_kth_abs", "merge", "merge_finetuned",
-    "merge_models", "open_source", "registry", "search_coefficients", "task_arithmetic", "task_vector",
-    "ties_merging", "weighted_average",
+    "CheckpointError", "MergeConfig", "SearchResult", "breadcrumbs", "dare", "della", "exact_kth_abs", "iso_c",
+    "iso_cts", "merge", "merge_finetuned", "merge_models", "model_stock", "open_source", "registry",
+    "search_coefficients", "slerp", "task_arithmetic", "task_vector", "ties_merging", "tsv_merging",
+    "weighted_average",
 ]

@@ -77,6 +77,10 @@ def run_merge_study(run_dirs: Sequence[str | Path], output_dir: str | Path, pret
     ft_test = {r["task"]: r["test_accuracy"] for r in runs}
     ft_val = {r["task"]: r["validation_accuracy"] for r in runs}
 
+    skipped = [m for m in methods if not registry.resolve_search_name(m)[0].accepts(len(runs))]
+    if skipped:  # e.g. SLERP merges exactly two models
+        logger.info("skipping %s: not defined for %d models", skipped, len(runs))
+        methods = [m for m in methods if m not in skipped]
     rows = {"pretrained (zero-shot)": summarize(test_eval(theta0), ft_test),
             "fine-tuned (individual)": summarize(ft_test, ft_test)}
     details: dict = {}
@@ -95,7 +99,7 @@ def run_merge_study(run_dirs: Sequence[str | Path], output_dir: str | Path, pret
         logger.info("%s %s: test abs %.4f norm %.4f", method, params, rows[method]["absolute_mean"],
                     rows[method]["normalized_mean"])
     # the fixed-coefficient ablation (paper table 6) of every method declaring one, at fixed_scaling
-    for method in (registry.method_names(study_only=True) if fixed_scaling is not None else []):
+    for method in (registry.method_names(study_only=True, num_tasks=len(runs)) if fixed_scaling is not None else []):
         m = registry.get_method(method)
         if not m.fixed_ablation or not m.linear_param:
             continue
