@@ -54,4 +54,5 @@ register_transform(Transform(
     ],
     apply=apply,
     label="Breadcrumbs mask",
+    order=110,
 ))

@@ -78,5 +78,6 @@ register_transform(Transform(
     params=MAGPRUNE_PARAMS,
     apply=apply,
     label="MagPrune",
+    order=120,
     check=check,
 ))
