@@ -3,8 +3,10 @@
 cos(Omega) = <v0/|v0|, v1/|v1|>, the result is
 sin((1 - t) Omega) / sin(Omega) * v0 + sin(t Omega) / sin(Omega) * v1 on the unnormalised
 tensors; when |cos(Omega)| > dot_threshold (near-parallel, 0.9995 as in mergekit) it falls back
-to linear interpolation (1 - t) v0 + t v1. A vector of norm <= 1e-8 is not normalised (mergekit's
-eps), so a zero tensor interpolates linearly. t = 0 gives the first model, t = 1 the second.
+to linear interpolation (1 - t) v0 + t v1. t = 0 gives the first model, t = 1 the second.
+Deliberate difference: when a tensor has norm <= 1e-8 (mergekit's eps) its angle is undefined
+and we interpolate linearly; mergekit leaves it unnormalised, so dot = 0 and it returns
+sin(t pi / 2) * v1 for a zero v0 (not a point between the two tensors).
 
 Two models exactly (the pretrained model is optional and only the reference the deltas are taken
 from; without it the first model is the reference). `t` may be per-layer rules, like mergekit's
@@ -24,13 +26,13 @@ EPS = 1e-8
 def slerp_tensor(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995) -> torch.Tensor:
     a, b = v0.to(torch.float64), v1.to(torch.float64)
     na, nb = a.norm().item(), b.norm().item()
-    dot = ((a / na if na > EPS else a) * (b / nb if nb > EPS else b)).sum().item()
+    if na <= EPS or nb <= EPS:  # no direction to rotate from / to
+        return (1 - t) * a + t * b
+    dot = ((a / na) * (b / nb)).sum().item()
     if abs(dot) > dot_threshold:
         return (1 - t) * a + t * b
     omega = math.acos(max(-1.0, min(1.0, dot)))
     sin_omega = math.sin(omega)
-    if sin_omega == 0.0:  # only when a vector was too small to normalise and dot is exactly +-1
-        return (1 - t) * a + t * b
     return (math.sin((1 - t) * omega) / sin_omega) * a + (math.sin(t * omega) / sin_omega) * b
 
 
