@@ -327,3 +327,30 @@ def test_report_and_card_list_params_from_registry(files, capsys):
     card = (out / "README.md").read_text()
     assert "`scaling`: `0.5` - lambda" in card and "`density`: `0.2` (default)" in card
     assert "Transform before merging: `dare` (drop_rate=0.2, seed=1, rescale=True)" in card
+
+
+def test_row_blocks_unless_whole_tensors(monkeypatch):
+    """Large tensors reach a kernel in row blocks; `whole_tensors=True` (SVD methods) gets whole ones."""
+    from saft_hf.merging import engine
+
+    monkeypatch.setattr(engine, "PIECE_ELEMENTS", 8)
+    pre, fts = _models(2, seed=3)
+    tvs = [task_vector(pre, f) for f in fts]
+    seen = {}
+
+    def kernel(deltas, ctx):
+        seen.setdefault(ctx.method.name, set()).add((ctx.key, ctx.rows))
+        return deltas.sum(0)
+
+    for whole in (False, True):
+        registry.register_method(MergeMethod(name=f"toy_sum_{whole}", description="sum", params=[], kernel=kernel,
+                                             whole_tensors=whole))
+    try:
+        for whole in (False, True):
+            out = merge(f"toy_sum_{whole}", pre, tvs)
+            torch.testing.assert_close(out["e"], pre["e"] + tvs[0]["e"] + tvs[1]["e"])
+        assert ("e", (0, 2)) in seen["toy_sum_False"] and ("e", None) not in seen["toy_sum_False"]
+        assert {rows for _, rows in seen["toy_sum_True"]} == {None}
+    finally:
+        registry.unregister_method("toy_sum_False")
+        registry.unregister_method("toy_sum_True")

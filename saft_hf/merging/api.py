@@ -67,9 +67,9 @@ def _run(method_name: str, base: TensorSource, plan: MergePlan, tasks: list[Task
     resolved = registry.validate_params(method_name, params, num_tasks=len(tasks))
     if transforms and not method.takes_task_vectors:
         raise ValueError(f"transforms apply to task vectors; {method_name} merges the models themselves")
-    checked_base, tasks = prepare_task_vectors(tasks, base, transforms, allow_nonfinite)
+    tasks = prepare_task_vectors(tasks, base, transforms)
     sink = _dict_sink(base, plan)
-    run_method(method, resolved, checked_base, tasks, plan, sink, progress=False)
+    run_method(method, resolved, base, tasks, plan, sink, progress=False, check_finite=not allow_nonfinite)
     return _finish(sink, plan, order)
 
 

@@ -14,7 +14,7 @@ from .io import TensorSource
 from .plan import MergePlan
 from . import registry
 from .registry import DEFER, MergeContext, MergeMethod
-from .taskvectors import TaskVector, TransformedTaskVector, compute_dtype
+from .taskvectors import NonFiniteError, TaskVector, TransformedTaskVector, all_finite, compute_dtype, nonfinite_error
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +81,31 @@ def stacked_deltas(tasks: Sequence[TaskVector], key: str, pre: torch.Tensor, row
     return out
 
 
+def find_nonfinite(base: TensorSource, tasks: Sequence[TaskVector], keys) -> None:
+    """Raise NonFiniteError naming the first model (pretrained first) and tensor of `keys`
+    holding NaN/Inf; return if there is none."""
+    for key in keys:
+        pre = base.get(key)
+        if pre.is_floating_point() and not all_finite(pre):
+            raise nonfinite_error("pretrained model", base.name, key)
+        for tv in tasks:
+            if not all_finite(tv.get(key, pre)):
+                raise nonfinite_error("fine-tuned model", tv.name, key)
+
+
 def run_method(method: MergeMethod, params: dict, base: TensorSource, tasks: Sequence[TaskVector], plan: MergePlan,
-               sink, progress: bool = True, mode: str = "weights", desc: str | None = None) -> dict:
+               sink, progress: bool = True, mode: str = "weights", desc: str | None = None,
+               check_finite: bool = True) -> dict:
     """Merge with `method` at the resolved `params` into `sink`; returns the method's report.
 
     mode="weights": the sink gets base_scale * theta_0 + merged delta in the pretrained dtype,
     then the non-float buffers. mode="delta": the sink gets the merged delta itself (float32/64)
     for every merged key, so coefficient search can reuse it along the method's linear parameter.
+
+    check_finite: refuse NaN/Inf, naming the model and tensor. It costs one pass over each
+    output block: NaN/Inf in an input reaches the output (or makes the method raise), and only
+    then are that tensor's inputs scanned to name the culprit. A non-finite output from finite
+    inputs (overflow) is refused too.
     """
     if mode not in ("weights", "delta"):
         raise ValueError(f"mode must be 'weights' or 'delta', got {mode!r}")
@@ -99,8 +117,17 @@ def run_method(method: MergeMethod, params: dict, base: TensorSource, tasks: Seq
             tparams = registry.validate_transform_params(name, tparams)
             tasks = [TransformedTaskVector(tv, transform, tparams, i, base) for i, tv in enumerate(tasks)]
     ctx = MergeContext(method, dict(params), base, tasks, plan, progress)
+
+    def guarded(step, keys):
+        try:
+            return step()
+        except ValueError:
+            if check_finite:
+                find_nonfinite(base, ctx.tasks, keys())  # a clearer error if NaN/Inf caused it
+            raise
+
     if method.prepass is not None:
-        method.prepass(ctx)
+        guarded(lambda: method.prepass(ctx), lambda: plan.keys)
     scale = float(method.base_scale(ctx)) if method.base_scale is not None and mode == "weights" else 1.0
     scratch = Scratch()
     deferred = ctx.deferred
@@ -108,19 +135,23 @@ def run_method(method: MergeMethod, params: dict, base: TensorSource, tasks: Seq
     def block(key, rows):
         ctx.rows = rows
         pre = ctx.pre = base_piece(base, key, rows)
-        merged = method.kernel(stacked_deltas(ctx.tasks, key, pre, rows, scratch), ctx)
+        merged = guarded(lambda: method.kernel(stacked_deltas(ctx.tasks, key, pre, rows, scratch), ctx), lambda: [key])
         if merged is DEFER:
             if ctx.final:
                 raise RuntimeError(f"method {method.name} deferred {key!r} again after the main pass")
             deferred.append((key, rows))
             return
-        if mode == "delta":
-            sink.write(key, merged, rows[0] if rows else None)
-            return
-        weights = pre.to(merged.dtype)
-        if scale != 1.0:
-            weights = weights * scale
-        sink.write(key, (weights + merged).to(pre.dtype), rows[0] if rows else None)
+        out = merged
+        if mode == "weights":
+            out = pre.to(merged.dtype)
+            if scale != 1.0:
+                out = out * scale
+            out = (out + merged).to(pre.dtype)
+        if check_finite and not all_finite(out):
+            find_nonfinite(base, ctx.tasks, [key])
+            raise NonFiniteError(f"merging {key!r} with {method.name} gives non-finite values although every input "
+                                 "is finite (overflow?); check the coefficients")
+        sink.write(key, out, rows[0] if rows else None)
 
     for key in _bar(plan.keys, desc or method.label, progress):
         ctx.key, ctx.key_state = key, {}

@@ -195,7 +195,7 @@ def merge_models(config: MergeConfig | dict | str, output_dir, overwrite: bool =
         notes.extend(check_extra_keys(plan, base, src))
     for tv in tasks:
         notes.extend(tv.check(plan.keys, base))
-    checked_base, tasks = prepare_task_vectors(tasks, base, transforms, config.allow_nonfinite)
+    tasks = prepare_task_vectors(tasks, base, transforms)
     for t, tp in transforms:
         shown = ", ".join(f"{k}={v}" for k, v in tp.items())
         notes.append(f"{t.label} ({shown}) applied to every task vector"
@@ -213,7 +213,8 @@ def merge_models(config: MergeConfig | dict | str, output_dir, overwrite: bool =
     with atomic_directory(output_dir, overwrite=overwrite) as tmp:
         layout = [(k, *base.info(k)) for k in plan.keys + plan.passthrough]
         sink = ShardedSafetensorsSink(tmp, layout, config.max_shard_size)
-        stats.update(run_method(method, params, checked_base, tasks, plan, sink, progress))
+        stats.update(run_method(method, params, base, tasks, plan, sink, progress,
+                                check_finite=not config.allow_nonfinite))
         shards = sink.close()
         base_dir = resolve_checkpoint(base_spec)
         copied = _copy_model_files(base_dir if base_dir.is_dir() else None, tmp)

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 KINDS = ("float", "int", "bool", "choice", "per_task_float")
-_MISSING = object()
 
 
 class ParamError(ValueError):
@@ -444,7 +443,7 @@ def check_value(p: Param, value, where: str, num_tasks: int | None = None):
     if p.kind == "int":
         if isinstance(value, str) or not _is_number(value) or (isinstance(value, float) and not value.is_integer()):
             raise ParamError(f"{where} must be an integer, got {_show(value)}")
-        return int(value)
+        return int(_check_number(p, value, where))
     if p.kind == "bool":
         if not isinstance(value, bool):
             raise ParamError(f"{where} must be true or false (a YAML boolean, not quoted), got {_show(value)}")

@@ -225,14 +225,14 @@ def search_coefficients(
         setting = dict(zip(outer_keys, combo))
         mp, tr = resolved({**setting, **({linear: 1.0} if cache else {})})
         fixed_params = {k: v for k, v in mp.items() if k not in space}
-        checked_base, tvs = prepare_task_vectors(tasks, base, tr, allow_nonfinite)
+        tvs = prepare_task_vectors(tasks, base, tr)
         if not cache:
             sink = _dict_sink(base, plan)
-            run_method(m, mp, checked_base, tvs, plan, sink, progress=False)
+            run_method(m, mp, base, tvs, plan, sink, progress=False, check_finite=not allow_nonfinite)
             score(setting, _finish(sink, plan, order))
             continue
         sink = _dict_sink(base, plan)
-        run_method(m, mp, checked_base, tvs, plan, sink, progress=False, mode="delta")
+        run_method(m, mp, base, tvs, plan, sink, progress=False, mode="delta", check_finite=not allow_nonfinite)
         direction = sink.close()
         for alpha in inner:
             out = DictSink()

@@ -5,7 +5,10 @@ import torch
 
 
 def svd(matrix: torch.Tensor):
-    """Thin SVD: (U, S, Vh) with S descending."""
+    """Thin SVD: (U, S, Vh) with S descending. NaN/Inf raise a ValueError (the engine then names
+    the model and tensor that hold them) instead of LAPACK's convergence failure."""
+    if not bool(torch.isfinite(matrix).all()):
+        raise ValueError("a matrix given to the SVD holds NaN or Inf")
     return torch.linalg.svd(matrix, full_matrices=False)
 
 

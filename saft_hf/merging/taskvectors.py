@@ -258,80 +258,27 @@ class TransformedTaskVector(TaskVector):
         return self.inner.check(keys, base)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True if no entry is NaN or Inf. Fast path: one sum (NaN and Inf propagate through it);
+    only a non-finite sum (which large finite values can also cause) triggers the exact check."""
+    if t.numel() == 0:
+        return True
+    total = t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum()
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
+
+
 class NonFiniteError(CheckpointError):
     """NaN or Inf in a checkpoint (the message names the model and the tensor)."""
 
 
-class FiniteCheckedTaskVector(TaskVector):
-    """Refuses a task vector tensor holding NaN or Inf, naming the model and the key: merging
-    would copy them into every output weight they touch (or, in TIES, make signs meaningless)."""
-
-    def __init__(self, inner: TaskVector):
-        self.inner = inner
-        self.name = inner.name
-        self.description = inner.description
-
-    def _check(self, key, t):
-        if not bool(torch.isfinite(t).all()):
-            raise NonFiniteError(
-                f"fine-tuned model {self.name}: tensor {key!r} holds non-finite values (NaN or Inf) after "
-                "subtracting the pretrained weights; fix or re-export that checkpoint "
-                "(or pass allow_nonfinite: true to merge anyway)")
-        return t
-
-    def get(self, key, base, rows=None):
-        return self._check(key, self.inner.get(key, base, rows))
-
-    def get_into(self, out, key, base, rows=None):
-        self.inner.get_into(out, key, base, rows)
-        self._check(key, out)
-
-    def check(self, keys, base):
-        return self.inner.check(keys, base)
+def nonfinite_error(kind: str, name: str, key: str) -> NonFiniteError:
+    return NonFiniteError(f"{kind} {name}: tensor {key!r} holds non-finite values (NaN or Inf); fix or re-export "
+                          "that checkpoint (or pass allow_nonfinite: true to merge anyway)")
 
 
-class FiniteCheckedSource(TensorSource):
-    """The pretrained model's source, refusing float tensors with NaN or Inf (naming the key)."""
-
-    def __init__(self, inner: TensorSource):
-        self.inner = inner
-        self.name, self.fresh_tensors, self.directory = inner.name, inner.fresh_tensors, inner.directory
-
-    def _check(self, key, t):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise NonFiniteError(f"pretrained model {self.name}: tensor {key!r} holds non-finite values (NaN or Inf); "
-                                 "fix the checkpoint (or pass allow_nonfinite: true to merge anyway)")
-        return t
-
-    def keys(self):
-        return self.inner.keys()
-
-    def info(self, key):
-        return self.inner.info(key)
-
-    def get(self, key):
-        return self._check(key, self.inner.get(key))
-
-    def get_rows(self, key, start, stop):
-        return self._check(key, self.inner.get_rows(key, start, stop))
-
-    def read_into(self, key, out, rows=None):
-        self.inner.read_into(key, out, rows)
-        self._check(key, out)
-
-    def storage_groups(self):
-        return self.inner.storage_groups()
-
-    def close(self):
-        self.inner.close()
-
-
-def prepare_task_vectors(tasks: list[TaskVector], base: TensorSource, transforms=(), allow_nonfinite: bool = False):
-    """(base, tasks) ready for the engine: finiteness checks (unless allowed), then the
-    transforms [(Transform, params), ...] in the given order, each task with its index."""
-    if not allow_nonfinite:
-        base = FiniteCheckedSource(base)
-        tasks = [FiniteCheckedTaskVector(tv) for tv in tasks]
+def prepare_task_vectors(tasks: list[TaskVector], base: TensorSource, transforms=()) -> list[TaskVector]:
+    """The task vectors with the transforms [(Transform, params), ...] applied in the given
+    order, each task with its index."""
     for transform, params in transforms:
         tasks = [TransformedTaskVector(tv, transform, params, i, base) for i, tv in enumerate(tasks)]
-    return base, tasks
+    return tasks
