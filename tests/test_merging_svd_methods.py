@@ -243,3 +243,12 @@ def test_task_vector_inputs_from_finetuned_models():
     a, b = iso_c(pre, taus, 1.0), iso_c(pre, tvs, 1.0)
     for k in SHAPES:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["tsv_merging", "iso_c", "iso_cts", "model_stock", "della", "breadcrumbs"])
+def test_nonfinite_task_vector_is_named(method):
+    pre, tvs = models(2, seed=12)
+    tvs[1]["attn.w"] = tvs[1]["attn.w"].clone()
+    tvs[1]["attn.w"][2, 3] = float("nan")
+    with pytest.raises(ValueError, match="task1: tensor 'attn.w' holds non-finite"):
+        merge(method, pre, tvs)
