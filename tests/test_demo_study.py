@@ -3,6 +3,7 @@ disk) with tiny synthetic tasks: heads, fine-tuning with SAFTTrainer (AdamW and 
 report structure, normalized = merged / individual, and resuming from cached checkpoints."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -96,6 +97,12 @@ def test_logit_scale_choice_minimizes_validation_loss():
     assert set(losses) == {1.0, 5.0, 100.0}
 
 
+
+def _merges() -> set:
+    """The merge rows of a two-task study (SLERP, defined for exactly two models, is among them)."""
+    return {m.name for m in study.study_methods(dataclasses.replace(study.StudyConfig(), tasks=("color", "mood")))}
+
+
 def test_study_end_to_end_report_and_resume(tiny_model_dir, tmp_path):
     cfg = _config(tiny_model_dir, tmp_path)
     result = study.run_study(cfg)
@@ -109,7 +116,7 @@ def test_study_end_to_end_report_and_resume(tiny_model_dir, tmp_path):
     for method, res in run.items():
         individual = res["individual"]["absolute"]
         assert set(individual) == {"color", "mood"}
-        assert set(res["merges"]) == set(study.MERGES)
+        assert set(res["merges"]) == _merges()
         for merge, rep in res["merges"].items():
             for task, acc in rep["absolute"].items():
                 assert 0.0 <= acc <= 1.0
@@ -177,7 +184,8 @@ def test_study_numbers_match_the_recorded_pre_driver_run(tiny_model_dir, tmp_pat
         got = saved["runs"]["0"]["methods"][method]
         want = EXPECTED_SEED0[method]
         assert got["individual"]["absolute"] == want["individual"]
-        assert list(got["merges"]) == list(want["merges"])  # same methods, same order
+        # the same methods first, same order (issue 13 appends the newer methods after them)
+        assert list(got["merges"])[:len(want["merges"])] == list(want["merges"])
         for merge, (absolute, coefficient, search) in want["merges"].items():
             row = got["merges"][merge]
             assert row["absolute"] == absolute, (method, merge)
@@ -228,7 +236,7 @@ def test_effects_equal_stats_effect_table_on_the_recorded_arrays(two_seed_study)
     got = saved["effects"]["effects"]["asam"]
     assert saved["effects"]["baseline"] == "adamw"
     assert [r["method"] for r in got] == [r["method"] for r in want]
-    assert len(got) == 1 + len(study.MERGES)
+    assert len(got) == 1 + len(_merges())
     for g, w in zip(got, want):
         assert g["n_seeds"] == 2
         for kind in ("absolute", "normalized"):
@@ -252,7 +260,7 @@ def test_report_leads_with_the_effect_table_forest_plot_and_cost(two_seed_study)
     assert (report_dir / "effects_asam.png").stat().st_size > 0 and (report_dir / "effects_asam.svg").exists()
     cost = saved["cost_benefit"]["methods"]
     assert cost["adamw"]["relative_cost"] == pytest.approx(1.0)
-    assert cost["asam"]["seconds_per_step"] > 0 and set(cost["asam"]["merged"]) == set(study.MERGES)
+    assert cost["asam"]["seconds_per_step"] > 0 and set(cost["asam"]["merged"]) == _merges()
     assert "| method | s / step | x AdamW | individual abs |" in text
     records = saved["training"].values()
     assert all(r["optimizer_steps"] == 6 for r in records)

@@ -149,7 +149,7 @@ def test_glue_task_pool_and_study_driver(glue_runs, tmp_path):
     result = run_glue_merge_study(root / "base", {t: root / "runs" / t for t in GLUE_TASKS}, tmp_path / "study",
                                   alphas=[0.5, 1.0], densities=[0.2], data_paths=data, batch_size=16,
                                   device="cpu", progress=False)
-    assert list(result["methods"]) == ["weighted_average", "task_arithmetic", "task_arithmetic_fixed", "ties"]
+    assert list(result["methods"])[:4] == ["weighted_average", "task_arithmetic", "task_arithmetic_fixed", "ties"]
     assert result["search_score"] == "mean normalized validation score"
     assert len(result["methods"]["ties"]["search"]["points"]) == 2
     for name, row in result["methods"].items():
@@ -242,8 +242,10 @@ def test_vision_merge_study_through_the_driver(vision_runs, tmp_path):
                                    "ties": {"scaling": [1.0], "density": [0.2, 0.5]}},
                              head_cache_dir=str(root / "heads"), batch_size=32, device="cpu", progress=False,
                              search_max_samples=16, test_max_samples=16)
-    assert list(report["rows"]) == ["pretrained (zero-shot)", "fine-tuned (individual)", "weighted_average",
-                                    "task_arithmetic", "ties", "task_arithmetic (alpha=0.4)"]
+    rows = list(report["rows"])  # the paper's rows in their order (issue 13's newer methods come in between)
+    paper = ["pretrained (zero-shot)", "fine-tuned (individual)", "weighted_average", "task_arithmetic", "ties",
+             "task_arithmetic (alpha=0.4)"]
+    assert [r for r in rows if r in paper] == paper and rows[:5] == paper[:5] and rows[-1] == paper[-1]
     assert report["methods"]["ties"]["params"]["density"] in (0.2, 0.5)
     assert len(report["methods"]["ties"]["search"]["points"]) == 2
     assert report["methods"]["weighted_average"]["params"] == {"normalize": True}  # uniform weights (the default)
@@ -276,7 +278,7 @@ def test_saft_hf_evaluate_merge_study_runs_the_driver(glue_runs, vision_runs, tm
                  "--finetuned_root", str(root / "runs"), "--data", *[f"{t}={p}" for t, p in data.items()],
                  "--batch_size", "16", "--device", "cpu", "--output_dir", str(out)]) == 0
     saved = json.loads((out / "results.json").read_text())
-    assert list(saved["methods"]) == ["weighted_average", "task_arithmetic", "task_arithmetic_fixed", "ties"]
+    assert list(saved["methods"])[:4] == ["weighted_average", "task_arithmetic", "task_arithmetic_fixed", "ties"]
     assert len(saved["methods"]["ties"]["search"]["points"]) == 18  # the paper grid: 6 alphas x 3 densities
 
     root, clip, data = vision_runs

@@ -179,11 +179,16 @@ def test_demo_rows_without_toy_are_the_papers():
     from saft_hf.demo import study
 
     rows = study.study_methods(study.StudyConfig(fixed_alpha=0.3))
-    assert [(r.name, r.grid is not None, dict(r.params)) for r in rows] == [
+    # the paper's rows first, unchanged; then the newer methods (issue 13), each searched on its grid
+    # except Model Stock (no coefficient); SLERP only when the study merges exactly two models
+    assert [(r.name, r.grid is not None, dict(r.params)) for r in rows][:4] == [
         ("weighted_average", False, {}), ("task_arithmetic", True, {}),
         ("task_arithmetic_fixed", False, {"scaling": 0.3}), ("ties", True, {})]
-    assert [r.label for r in rows] == ["weighted average", "task arithmetic (alpha searched)",
-                                       "task arithmetic (alpha fixed)", "TIES (lambda searched)"]
+    assert [r.label for r in rows][:4] == ["weighted average", "task arithmetic (alpha searched)",
+                                           "task arithmetic (alpha fixed)", "TIES (lambda searched)"]
+    assert [(r.name, r.grid is not None) for r in rows[4:]] == [
+        ("della", True), ("breadcrumbs", True), ("tsv_merging", True), ("iso_c", True), ("iso_cts", True),
+        ("model_stock", False)] + ([("slerp", True)] if len(study.StudyConfig().tasks) == 2 else [])
 
 
 def test_registering_twice_or_clashing_names_is_refused(toy):

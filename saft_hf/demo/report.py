@@ -76,6 +76,15 @@ def aggregate(study: dict) -> dict:
     return rows
 
 
+def _coef_text(c) -> str:
+    """A study's coefficient: a number, one per task, or per-layer rules (Model Stock has none)."""
+    if isinstance(c, (int, float)):
+        return f"{c:g}"
+    if isinstance(c, (list, tuple)) and all(isinstance(x, (int, float)) for x in c):
+        return "[" + " ".join(f"{x:g}" for x in c) + "]"
+    return "per-layer" if isinstance(c, (list, tuple)) else str(c)
+
+
 def markdown(study: dict) -> str:
     rows = study["summary"]
     tasks = next(iter(rows.values()))["tasks"]
@@ -93,7 +102,7 @@ def markdown(study: dict) -> str:
     head = ["model / fine-tuning", *tasks, "avg abs", "avg norm", "coef"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in rows.items():
-        coef = ", ".join(f"{c:g}" for c in row.get("coefficients", [])) or "-"
+        coef = ", ".join(_coef_text(c) for c in row.get("coefficients", []) if c is not None) or "-"
         cells = [pct(row["absolute"][t]) for t in tasks]
         lines.append("| " + " | ".join([name, *cells, with_std(row, "absolute_mean"),
                                          with_std(row, "normalized_mean"), coef]) + " |")

@@ -363,7 +363,7 @@ def study_methods(cfg: StudyConfig):
     from saft_hf.evaluation.study import default_study_methods
 
     return default_study_methods(merge_names(cfg.merges), grids=cfg.grid_overrides(),
-                                 fixed_coefficient=cfg.fixed_alpha)
+                                 fixed_coefficient=cfg.fixed_alpha, num_tasks=len(cfg.tasks))
 
 
 def merge_names(merges: Sequence[str] | None) -> list[str] | None:

@@ -64,7 +64,8 @@ def _searched_label(method, grid: Mapping, default: str, base: str | None = None
 
 
 def default_study_methods(methods: Sequence[str] | None = None, grids: Mapping[str, Mapping] | None = None,
-                          fixed_coefficient: float | None = None, ablations: bool = True) -> list[StudyMethod]:
+                          fixed_coefficient: float | None = None, ablations: bool = True,
+                          num_tasks: int | None = None) -> list[StudyMethod]:
     """The study's rows, from the merge-method registry.
 
     methods: registered methods or search aliases, in order (default: every study method,
@@ -73,12 +74,13 @@ def default_study_methods(methods: Sequence[str] | None = None, grids: Mapping[s
     given one here, is searched on validation; otherwise merged at its defaults). Each method
     declaring a fixed-coefficient ablation (`fixed_ablation`) gets an extra row `<method>_fixed`
     right after it, with its linear parameter at `fixed_coefficient` (None: the declared
-    value); `ablations=False` drops those rows.
+    value); `ablations=False` drops those rows. With `num_tasks`, methods that cannot merge that
+    many models (SLERP: exactly two) are left out of the default list.
     """
     from saft_hf.merging import registry
     from saft_hf.merging.search import default_grid
 
-    names = list(registry.method_names(study_only=True) if methods is None else methods)
+    names = list(registry.method_names(study_only=True, num_tasks=num_tasks) if methods is None else methods)
     grids = dict(grids or {})
     unknown = [n for n in [*names, *grids] if n not in registry.search_names()]
     if unknown:
@@ -239,6 +241,9 @@ def run_merge_study(model_pool: ModelPool, task_pool: TaskPool, methods: Sequenc
     result["methods"] = {}
     data = None  # the task pool's MergeData, built once when a data-reading method runs
     for method in methods:
+        if not registry.resolve_search_name(method.merge)[0].accepts(len(names)):
+            say(f"{method.name}: skipped, not defined for {len(names)} models")  # e.g. SLERP merges exactly two
+            continue
         reads = registry.resolve_search_name(method.merge)[0].needs_data
         if reads and data is None:
             data = _study_merge_data(task_pool, names)

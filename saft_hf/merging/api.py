@@ -1,6 +1,6 @@
 """Merging on state dicts (`dict[str, Tensor]`): `merge(method, ...)` for any registered method,
 and the named functions `task_vector`, `weighted_average`, `task_arithmetic`, `ties_merging`,
-`dare`.
+`dare`, `tsv_merging`, `iso_c`, `iso_cts`, `breadcrumbs`, `della`, `model_stock`, `slerp`.
 
 Every function runs the same key-by-key engine as the on-disk merge (`merge_models`), so the
 dict API and the streamed CLI give identical results. Task vectors of fp16/bf16 weights are
@@ -247,3 +247,52 @@ def adamerging(pretrained: StateDict, task_vectors, data, granularity: str = "la
     return merge("adamerging", pretrained, task_vectors, data=data, report=report, granularity=granularity,
                  base=base, init=init, lr=lr, steps=steps, batches_per_step=batches_per_step, clamp=clamp,
                  density=density, split=split)
+
+
+def tsv_merging(pretrained: StateDict, task_vectors, scaling=1.0, fraction: float | None = None) -> dict[str, torch.Tensor]:
+    """TSV-M (Gargiulo et al. 2025): per 2-D weight, each task's top 1/T (or `fraction`) singular
+    components, left and right vectors orthogonalised across tasks, recombined with their singular
+    values; other tensors averaged; theta_0 + scaling * merged (paper: scaling 1.0)."""
+    params = {"scaling": scaling} if fraction is None else {"scaling": scaling, "fraction": fraction}
+    return merge("tsv_merging", pretrained, task_vectors, **params)
+
+
+def iso_c(pretrained: StateDict, task_vectors, scaling=1.0) -> dict[str, torch.Tensor]:
+    """Iso-C (Marczak et al. 2025): per 2-D weight, the summed task matrices with every singular
+    value replaced by their mean; other tensors averaged; theta_0 + scaling * merged."""
+    return merge("iso_c", pretrained, task_vectors, scaling=scaling)
+
+
+def iso_cts(pretrained: StateDict, task_vectors, scaling=1.0, common_space_fraction: float = 0.8) -> dict[str, torch.Tensor]:
+    """Iso-CTS (Marczak et al. 2025): Iso-C's common subspace (a `common_space_fraction` of the
+    directions) plus each task's top directions orthogonal to it, orthogonalised, flat spectrum."""
+    return merge("iso_cts", pretrained, task_vectors, scaling=scaling, common_space_fraction=common_space_fraction)
+
+
+def breadcrumbs(pretrained: StateDict, task_vectors, scaling=1.0, density: float = 0.1,
+                beta: float = 0.01) -> dict[str, torch.Tensor]:
+    """Model Breadcrumbs (Davari & Belilovsky 2024): per tensor, drop the `beta` largest and the
+    smallest magnitudes of each task vector (`density` kept), then theta_0 + scaling * sum."""
+    return merge("breadcrumbs", pretrained, task_vectors, scaling=scaling, density=density, beta=beta)
+
+
+def della(pretrained: StateDict, task_vectors, scaling=1.0, density: float = 0.5, epsilon: float = 0.1,
+          seed: int = 0, rescale: str = "inverse", sign_method: str = "sum", disjoint: str = "mean",
+          zero_sign: str = "positive") -> dict[str, torch.Tensor]:
+    """DELLA (Deep et al. 2024): MagPrune each task vector (keep probability density -/+ epsilon
+    by magnitude rank within each row, survivors rescaled; task i uses seed + i), then TIES sign
+    election and disjoint mean, theta_0 + scaling * merged."""
+    return merge("della", pretrained, task_vectors, scaling=scaling, density=density, epsilon=epsilon, seed=seed,
+                 rescale=rescale, sign_method=sign_method, disjoint=disjoint, zero_sign=zero_sign)
+
+
+def model_stock(pretrained: StateDict, task_vectors, filter_wise: bool = False) -> dict[str, torch.Tensor]:
+    """Model Stock (Jang et al. 2024): per tensor (or row), theta_0 + t * mean(tau) with
+    t = k cos / (1 + (k-1) cos) from the mean pairwise cosine of the k >= 2 task vectors."""
+    return merge("model_stock", pretrained, task_vectors, filter_wise=filter_wise)
+
+
+def slerp(model_a: StateDict, model_b: StateDict, t=0.5, dot_threshold: float = 0.9995) -> dict[str, torch.Tensor]:
+    """SLERP between two fine-tuned state dicts, tensor by tensor (t = 0: model_a, t = 1:
+    model_b), linear interpolation for near-parallel tensors. `t` may be per-layer rules."""
+    return merge_finetuned("slerp", None, [model_a, model_b], t=t, dot_threshold=dot_threshold)

@@ -12,8 +12,9 @@ from tqdm.auto import tqdm
 
 from .io import TensorSource
 from .plan import MergePlan
+from . import registry
 from .registry import DEFER, MergeContext, MergeMethod
-from .taskvectors import NonFiniteError, TaskVector, all_finite, compute_dtype, nonfinite_error
+from .taskvectors import NonFiniteError, TaskVector, TransformedTaskVector, all_finite, compute_dtype, nonfinite_error
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,14 @@ def run_method(method: MergeMethod, params: dict, base: TensorSource, tasks: Seq
     """
     if mode not in ("weights", "delta"):
         raise ValueError(f"mode must be 'weights' or 'delta', got {mode!r}")
-    ctx = MergeContext(method, dict(params), base, list(tasks), plan, progress)
+    method.check_num_tasks(len(tasks))
+    tasks = list(tasks)
+    if method.pre_transforms is not None:  # transforms that are part of the method (Breadcrumbs, DELLA)
+        for name, tparams in method.pre_transforms(dict(params)):
+            transform = registry.get_transform(name)
+            tparams = registry.validate_transform_params(name, tparams)
+            tasks = [TransformedTaskVector(tv, transform, tparams, i, base) for i, tv in enumerate(tasks)]
+    ctx = MergeContext(method, dict(params), base, tasks, plan, progress)
 
     def guarded(step, keys):
         try:
@@ -140,7 +148,7 @@ def run_method(method: MergeMethod, params: dict, base: TensorSource, tasks: Seq
 
     def block(key, rows):
         ctx.rows = rows
-        pre = base_piece(base, key, rows)
+        pre = ctx.pre = base_piece(base, key, rows)
         merged = guarded(lambda: method.kernel(stacked_deltas(ctx.tasks, key, pre, rows, scratch), ctx), lambda: [key])
         if merged is DEFER:
             if ctx.final:

@@ -14,9 +14,12 @@ lists of the studies all read this registry.
 """
 from __future__ import annotations
 
+import fnmatch
+import functools
 import importlib
 import math
 import pkgutil
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -50,12 +53,15 @@ class Param:
     grid: tuple | None = None
     symbol: str | None = None  # how reports name it ("alpha", "lambda")
     required: bool = False  # must be given (no default)
+    per_layer: bool = False  # also accepts [{pattern|glob: ..., value: ...}, ..., {value: default}] (see layer_rules)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"Param {self.name}: kind must be one of {KINDS}, got {self.kind!r}")
         if self.kind == "choice" and not self.choices:
             raise ValueError(f"Param {self.name}: a choice needs `choices`")
+        if self.per_layer and self.kind not in ("float", "per_task_float"):
+            raise ValueError(f"Param {self.name}: per_layer applies to float or per_task_float parameters")
 
     def range_text(self) -> str:
         if self.kind == "choice":
@@ -83,6 +89,7 @@ class MergeContext:
     report: dict = field(default_factory=dict)  # statistics for merge_report.json and the model card
     key: str = ""  # tensor being merged
     rows: tuple | None = None  # its row block (start, stop), or None for the whole tensor
+    pre: Any = None  # the pretrained (reference) tensor of that block, as read from `base`
     key_state: dict = field(default_factory=dict)  # per-tensor cache, emptied at each new key
     final: bool = False  # True while the engine re-runs blocks a kernel deferred
     deferred: list = field(default_factory=list)  # (key, rows) blocks deferred in the main pass
@@ -124,6 +131,11 @@ class MergeMethod:
     the task's fine-tuned model and cached (in memory, and beside the checkpoint on disk: see
     datastats.py); the kernel reads them as ctx.stats[t].get(name). data_params: the parameters the
     statistics depend on (part of the cache key; the others can change without recomputing).
+    num_tasks: (min, max) number of task vectors (models) the method accepts, max None = any
+    (SLERP: (2, 2)); checked with a clear error, and studies skip a method outside its range.
+    pre_transforms(params) -> [(transform name, transform params)]: transforms that are part of
+    the method itself (Breadcrumbs' band mask, DELLA's MagPrune), applied by the engine to every
+    task vector in front of the kernel, after any user transforms.
     """
 
     name: str
@@ -147,6 +159,8 @@ class MergeMethod:
     needs_data: bool = False  # reads task inputs through a MergeData (RegMean, Fisher, AdaMerging)
     collect: Callable | None = None  # per-task statistics from one pass over the data (cached)
     data_params: Sequence[str] = ()  # params the collected statistics depend on (cache key)
+    num_tasks: tuple = (1, None)  # (min, max) task vectors accepted; max None = any
+    pre_transforms: Callable[[dict], list] | None = None  # built-in transforms from the params
 
     def __post_init__(self):
         self.params = tuple(self.params)
@@ -170,6 +184,17 @@ class MergeMethod:
                 return p
         raise KeyError(name)
 
+    def accepts(self, num_tasks: int) -> bool:
+        lo, hi = self.num_tasks
+        return num_tasks >= lo and (hi is None or num_tasks <= hi)
+
+    def check_num_tasks(self, num_tasks: int) -> None:
+        if not self.accepts(num_tasks):
+            lo, hi = self.num_tasks
+            want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+            raise ParamError(f"method {self.name} merges {want} models (task vectors), got {num_tasks}; "
+                             f"give {want} or choose another method")
+
     def defaults(self) -> dict:
         return {p.name: p.default for p in self.params if p.default is not None}
 
@@ -190,6 +215,7 @@ class Transform:
     apply: Callable
     label: str | None = None
     order: int = 100
+    check: Callable[[dict], None] | None = None  # cross-parameter validation (raise ParamError)
 
     def __post_init__(self):
         self.params = tuple(self.params)
@@ -272,11 +298,12 @@ def unregister_transform(name: str) -> None:
     _TRANSFORMS.pop(name, None)
 
 
-def method_names(study_only: bool = False) -> list[str]:
-    """Registered method names in display order (`order`, then name)."""
+def method_names(study_only: bool = False, num_tasks: int | None = None) -> list[str]:
+    """Registered method names in display order (`order`, then name); with `num_tasks`, only the
+    methods that accept that many task vectors (SLERP needs exactly two)."""
     _load_builtins()
     ms = sorted(_METHODS.values(), key=lambda m: (m.order, m.name))
-    return [m.name for m in ms if m.in_study or not study_only]
+    return [m.name for m in ms if (m.in_study or not study_only) and (num_tasks is None or m.accepts(num_tasks))]
 
 
 def transform_names() -> list[str]:
@@ -347,11 +374,88 @@ def _check_number(p: Param, value, where: str) -> float:
     return value
 
 
+_RULE_EXAMPLE = "[{pattern: 'mlp', value: 0.5}, {glob: '*.ln_*', value: [0.3, 0.4]}, {value: 0.3}]"
+
+
+def is_layer_rules(value) -> bool:
+    """True for a per-layer value: a list of mappings (rules), not numbers."""
+    return isinstance(value, (list, tuple)) and any(isinstance(v, Mapping) for v in value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(pattern: str):
+    return re.compile(pattern)
+
+
+def _rule_matches(rule: Mapping, key: str) -> bool:
+    if "pattern" in rule:
+        return _compiled(rule["pattern"]).search(key) is not None
+    if "glob" in rule:
+        return fnmatch.fnmatchcase(key, rule["glob"])
+    return True  # the default rule
+
+
+def layer_value(value, key: str):
+    """The value of a (possibly per-layer) parameter for tensor `key`: rules are tried in order,
+    the first whose `pattern` (regex, searched in the name) or `glob` (whole name) matches wins,
+    the last rule (value only) is the default. Plain values are returned unchanged."""
+    if not is_layer_rules(value):
+        return value
+    for rule in value:
+        if _rule_matches(rule, key):
+            return rule["value"]
+    raise AssertionError("validated layer rules end with a default")  # pragma: no cover
+
+
+def _check_layer_rules(p: Param, rules, where: str, num_tasks: int | None) -> list[dict]:
+    plain = Param(p.name, p.kind, None, p.help, p.low, p.high, p.low_open, p.high_open)
+    out = []
+    for i, rule in enumerate(rules):
+        at = f"{where}[{i}]"
+        if not isinstance(rule, Mapping):
+            raise ParamError(f"{at} must be a mapping like {{pattern: 'mlp', value: 0.5}}, got {_show(rule)}; "
+                             f"per-layer values look like {_RULE_EXAMPLE}")
+        unknown = sorted(map(str, set(rule) - {"pattern", "glob", "value"}))
+        if unknown:
+            raise ParamError(f"{at} has unknown key(s) {unknown}; allowed: pattern (regex), glob, value")
+        if "value" not in rule:
+            raise ParamError(f"{at} has no `value`")
+        if "pattern" in rule and "glob" in rule:
+            raise ParamError(f"{at} has both `pattern` and `glob`; give one")
+        matcher = "pattern" if "pattern" in rule else "glob" if "glob" in rule else None
+        if matcher is not None:
+            text = rule[matcher]
+            if not isinstance(text, str) or not text:
+                raise ParamError(f"{at}.{matcher} must be a non-empty string, got {_show(text)}")
+            if matcher == "pattern":
+                try:
+                    _compiled(text)
+                except re.error as e:
+                    raise ParamError(f"{at}.pattern {text!r} is not a valid regular expression ({e}); "
+                                     "escape special characters or use `glob:`") from None
+        elif i != len(rules) - 1:
+            raise ParamError(f"{at} has no `pattern` or `glob`: only the last rule may be the default "
+                             "(the value for tensors no rule matches)")
+        value = rule["value"]
+        if is_layer_rules(value):
+            raise ParamError(f"{at}.value must be a number{' or one per model' if p.kind == 'per_task_float' else ''}, "
+                             "not nested rules")
+        item = {matcher: rule[matcher]} if matcher else {}
+        item["value"] = check_value(plain, value, f"{at}.value", num_tasks)
+        out.append(item)
+    if not out or len(out[-1]) != 1:
+        raise ParamError(f"{where}: per-layer rules must end with a default rule {{value: ...}} for the tensors "
+                         f"no pattern matches, e.g. {_RULE_EXAMPLE}")
+    return out
+
+
 def check_value(p: Param, value, where: str, num_tasks: int | None = None):
     """One parameter value, type- and range-checked; returns the normalized value."""
     if value is None:
         hint = "omit the key to use the default" + (f" ({_show(p.default)})" if p.default is not None else "")
         raise ParamError(f"{where} is null; give a value ({p.range_text()}) or {hint}")
+    if p.per_layer and is_layer_rules(value):
+        return _check_layer_rules(p, value, where, num_tasks)
     if p.kind == "float":
         return _check_number(p, value, where)
     if p.kind == "int":
@@ -408,6 +512,8 @@ def validate_params(name: str, raw_params=None, num_tasks: int | None = None) ->
     """
     method = get_method(name)
     params = _check_params(name, method.params, raw_params, num_tasks, "params")
+    if num_tasks is not None:
+        method.check_num_tasks(num_tasks)
     if method.check is not None:
         method.check(params, num_tasks)
     return params
@@ -416,7 +522,10 @@ def validate_params(name: str, raw_params=None, num_tasks: int | None = None) ->
 def validate_transform_params(name: str, raw_params=None) -> dict:
     """Strictly checked parameters of transform `name` (same rules as `validate_params`)."""
     transform = get_transform(name)
-    return _check_params(name, transform.params, raw_params, None, "params")
+    params = _check_params(name, transform.params, raw_params, None, "params")
+    if transform.check is not None:
+        transform.check(params)
+    return params
 
 
 def parse_transforms(raw, context: str = "transforms") -> list[tuple[str, dict]]:
@@ -463,12 +572,14 @@ def _plot_label(label: str) -> str:
     return f"{head}\n({tail}" if sep else label.replace(" ", "\n", 1)
 
 
-def study_rows(methods: Sequence[str] | None = None, fixed_overrides: Mapping[str, Mapping] | None = None) -> list[StudyRow]:
+def study_rows(methods: Sequence[str] | None = None, fixed_overrides: Mapping[str, Mapping] | None = None,
+               num_tasks: int | None = None) -> list[StudyRow]:
     """The rows every merge study reports, in order: each study method (searched if it has a
     grid, else at its defaults), followed by its fixed-coefficient ablation if it declares one.
-    `fixed_overrides` replaces a method's ablation params ({"task_arithmetic": {"scaling": 0.3}})."""
+    `fixed_overrides` replaces a method's ablation params ({"task_arithmetic": {"scaling": 0.3}}).
+    With `num_tasks`, methods that cannot merge that many models (SLERP: two) are left out."""
     rows = []
-    for name in (methods if methods is not None else method_names(study_only=True)):
+    for name in (methods if methods is not None else method_names(study_only=True, num_tasks=num_tasks)):
         m = get_method(name)
         searched = bool(m.grid())
         sym = m.param(m.linear_param).symbol if m.linear_param else None
@@ -508,5 +619,7 @@ def _describe_one(obj) -> list[str]:
         default = "(none)" if p.default is None else _show(p.default)
         grid = f"; search grid {list(p.grid)}" if p.grid else ""
         kind = "number or list (one per model)" if p.kind == "per_task_float" else p.kind
+        if p.per_layer:
+            kind += ", or per-layer rules [{pattern|glob, value}, ..., {value}]"
         lines.append(f"      {p.name} ({kind}, {p.range_text()}, default {default}{grid}): {p.help}")
     return lines

@@ -1,9 +1,11 @@
-"""Task arithmetic: theta_0 + sum_t alpha_t tau_t (one alpha for all tasks, or one per task)."""
+"""Task arithmetic: theta_0 + sum_t alpha_t tau_t (one alpha for all tasks, or one per task, or
+per-layer rules: [{pattern: regex | glob: pattern, value: alpha or [alpha_t]}, ..., {value: default}],
+first match wins, like mergekit's `filter` lists)."""
 from __future__ import annotations
 
 from ..engine import per_task
 from ..grids import PAPER_ALPHAS
-from ..registry import MergeMethod, Param, register_method
+from ..registry import MergeMethod, Param, layer_value, register_method
 
 
 def weighted_sum(deltas, coeffs):
@@ -16,14 +18,14 @@ def weighted_sum(deltas, coeffs):
 
 
 def kernel(deltas, ctx):
-    return weighted_sum(deltas, per_task(ctx.params["scaling"], ctx.num_tasks, "scaling"))
+    return weighted_sum(deltas, per_task(layer_value(ctx.params["scaling"], ctx.key), ctx.num_tasks, "scaling"))
 
 
 register_method(MergeMethod(
     name="task_arithmetic",
     description="theta_0 + alpha * sum of task vectors (Ilharco et al. 2023); alpha per task allowed",
-    params=[Param("scaling", "per_task_float", 0.4, "alpha: one number, or a list with one per model",
-                  grid=PAPER_ALPHAS, symbol="alpha")],
+    params=[Param("scaling", "per_task_float", 0.4, "alpha: one number, a list with one per model, or per-layer rules",
+                  grid=PAPER_ALPHAS, symbol="alpha", per_layer=True)],
     kernel=kernel,
     label="task arithmetic",
     short_label="TA",

@@ -17,7 +17,7 @@ from .. import engine
 from ..grids import PAPER_ALPHAS, PAPER_DENSITIES
 from ..io import TensorSource
 from ..plan import MergePlan
-from ..registry import DEFER, MergeMethod, Param, ParamError, register_method
+from ..registry import DEFER, MergeMethod, Param, ParamError, layer_value, register_method
 from ..taskvectors import TaskVector
 from ..topk import kth_rank_for_density, multi_thresholds, sample_entries, selection_dtype
 
@@ -276,7 +276,8 @@ def kernel(deltas, ctx):
             # The TIES reference gives these entries the sign held by most entries of the whole
             # model, known only after this pass: compute this block again at the end (rare).
             return DEFER
-    return merged if p["scaling"] == 1.0 else p["scaling"] * merged
+    scaling = layer_value(p["scaling"], ctx.key)  # one lambda, or per-layer rules
+    return merged if scaling == 1.0 else scaling * merged
 
 
 def after_pass(ctx) -> None:
@@ -299,7 +300,8 @@ register_method(MergeMethod(
     name="ties",
     description="TIES-merging: trim to the top-density magnitudes, elect signs, merge agreeing entries, scale",
     params=[
-        Param("scaling", "float", 1.0, "lambda, multiplies the merged task vector", grid=PAPER_ALPHAS, symbol="lambda"),
+        Param("scaling", "float", 1.0, "lambda, multiplies the merged task vector (or per-layer rules)",
+              grid=PAPER_ALPHAS, symbol="lambda", per_layer=True),
         Param("density", "per_task_float", 0.2, "fraction of each task vector kept (mask rate = 1 - density); "
               "one number, or a list with one per model", low=0.0, high=1.0, low_open=True, grid=PAPER_DENSITIES),
         Param("trim_scope", "choice", "global", "global: whole model (paper); per_tensor: PEFT / mergekit",
