@@ -33,7 +33,8 @@ def test_quick_preset_and_explicit_overrides():
 
 
 def test_diagnostics_on_by_default_off_when_quick_or_asked():
-    assert cli.config_from_args(_parse([])).analysis is True
+    assert cli.config_from_args(_parse([])).analysis is False  # opt-in since the demo runs every merge method
+    assert cli.config_from_args(_parse(["--analysis"])).analysis is True
     assert cli.config_from_args(_parse(["--quick"])).analysis is False
     assert cli.config_from_args(_parse(["--no-analysis"])).analysis is False
     assert cli.config_from_args(_parse(["--quick", "--analysis"])).analysis is True
