@@ -6,13 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${SAFT_HF_VENV:-.venv}"
 PY="${PYTHON:-python3}"
+# Extras to install: "all" (default); CI adds "peers" (mergekit, to compare merges against it).
+EXTRAS="${SAFT_HF_EXTRAS:-all}"
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating virtual environment in $VENV"
   "$PY" -m venv "$VENV"
 fi
 stamp="$VENV/.saft-hf-installed"
-want="$(cat setup.py constraints.txt | sha256sum | cut -d' ' -f1)"
+want="$( (cat setup.py constraints.txt; echo "$EXTRAS") | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "[setup] $VENV is up to date"
   exit 0
@@ -23,6 +25,6 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   "$VENV/bin/python" -m pip install --disable-pip-version-check -q "torch==2.13.0"
 fi
 echo "[setup] installing saft-hf and its extras (pinned by constraints.txt)"
-"$VENV/bin/python" -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[all]"
+"$VENV/bin/python" -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[$EXTRAS]"
 echo "$want" > "$stamp"
 "$VENV/bin/python" -c "import torch, transformers; print(f'[setup] torch {torch.__version__}, transformers {transformers.__version__}, CUDA available: {torch.cuda.is_available()}')"
