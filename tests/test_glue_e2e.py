@@ -203,7 +203,7 @@ def test_run_all_script_end_to_end(tmp_path):
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for run in ("sgd", "asam"):
-        report = json.loads((tmp_path / "runs" / f"merged_{run}" / "eval" / "glue_eval.json").read_text())
+        report = json.loads((tmp_path / "runs" / f"eval_merged_{run}" / "glue_eval.json").read_text())
         assert set(report["normalized"]) == set(TASKS)
     summary = (tmp_path / "runs" / "summary.md").read_text()
     assert "sgd" in summary and "asam" in summary

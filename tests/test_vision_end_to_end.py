@@ -165,8 +165,11 @@ def test_merge_study_script_on_linearized_runs(setup):
     assert module.main(argv) == 0
     study = json.loads((out / "merge_study.json").read_text())
     assert study["linearized"] is True and study["tasks"] == list(TASKS)
-    assert set(study["rows"]) == {"pretrained (zero-shot)", "fine-tuned (individual)", "weighted_average",
-                                  "task_arithmetic", "ties", "task_arithmetic (alpha=0.4)"}
+    from saft_hf.merging import registry
+
+    # the paper's rows plus every other study method of the registry that accepts this many models
+    assert set(study["rows"]) == {"pretrained (zero-shot)", "fine-tuned (individual)", "task_arithmetic (alpha=0.4)",
+                                  *registry.method_names(study_only=True, num_tasks=len(TASKS))}
     assert study["rows"]["fine-tuned (individual)"]["normalized_mean"] == pytest.approx(1.0)
     assert study["methods"]["ties"]["params"]["density"] in (0.3, 0.2, 0.1)
     assert study["methods"]["task_arithmetic"]["params"]["scaling"] in (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)

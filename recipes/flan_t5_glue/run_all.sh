@@ -56,8 +56,8 @@ for run in $RUNS; do
   echo "== evaluating merged_$run"
   # shellcheck disable=SC2086
   $SAFT_HF evaluate glue --model "$OUT/merged_$run" --tasks $TASKS --finetuned_root "$OUT/$run" \
-    --output_dir "$OUT/merged_$run/eval" --name "$run task arithmetic" ${DATA_ROOT:+--data_root "$DATA_ROOT"}
-  summary+=("$run=$OUT/merged_$run/eval/glue_eval.json")
+    --output_dir "$OUT/eval_merged_$run" --name "$run task arithmetic" ${DATA_ROOT:+--data_root "$DATA_ROOT"}
+  summary+=("$run=$OUT/eval_merged_$run/glue_eval.json")
 done
 $PYTHON "$HERE/summarize.py" "$OUT/summary.md" "${summary[@]}"
 echo "== done: $OUT/summary.md"
