@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import json
+import hashlib
 import os
 import re
 import shutil
@@ -35,7 +35,7 @@ from saft_hf.io_utils import leftovers  # noqa: E402
 from saft_hf.merging.io import ShardedSafetensorsSink  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-LEFTOVER = re.compile(r"\.(tmp|old|lock)$")
+from _hostile import leftover_entries, snapshot  # noqa: E402
 ERROR = "saft-hf merge: error:"
 
 
@@ -102,33 +102,7 @@ def write_cfg(ws: Path, name="cfg.yaml", pretrained="models/pre", models=("model
 # "inputs unchanged, nothing left behind"
 
 
-def snapshot(root: Path, skip: Path | None = None) -> dict:
-    """Every entry under `root` (not following links) -> content hash / link target / 'dir'."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        d = Path(dirpath)
-        if skip is not None and (d == skip or skip in d.parents):
-            dirnames[:] = []
-            continue
-        for name in dirnames + filenames:
-            p = d / name
-            if skip is not None and p == skip:
-                continue
-            rel = str(p.relative_to(root))
-            if p.is_symlink():
-                out[rel] = "link:" + os.readlink(p)
-            elif p.is_dir():
-                out[rel] = "dir"
-            else:
-                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
-def leftover_entries(root: Path) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        found += [os.path.join(dirpath, n) for n in dirnames + filenames if LEFTOVER.search(n)]
-    return found
+# snapshot / leftover_entries: the shared helpers of every hostile-input module (tests/_hostile.py)
 
 
 def error_lines(err: str) -> list[str]:
