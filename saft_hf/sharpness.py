@@ -168,6 +168,37 @@ def shard_like(full: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     )
 
 
+def from_local_like(local: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """This rank's shard (a plain tensor, e.g. read back from this rank's checkpoint file) as a DTensor laid out
+    like `reference`; unchanged when `reference` is not sharded or `local` already is. No communication."""
+    if not is_sharded(reference) or is_sharded(local):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    expected = tuple(reference.to_local().shape)
+    if tuple(local.shape) != expected:
+        raise ValueError(
+            f"A saved SAM-variant state shard has shape {tuple(local.shape)}, but this rank's shard of the parameter "
+            f"is {expected}: resume with the same number of processes and FSDP layout the checkpoint was saved with."
+        )
+    return DTensor.from_local(
+        local.to(device=reference.to_local().device), reference.device_mesh, reference.placements, run_check=False,
+        shape=reference.shape, stride=reference.stride(),
+    )
+
+
+def local_state(value):
+    """`value` (nested dicts / lists / tuples of tensors, e.g. a variant's state) with every DTensor replaced by a
+    copy of this rank's shard: what a per-rank checkpoint file holds (`from_local_like` puts it back)."""
+    if is_sharded(value):
+        return value.to_local().detach().clone()
+    if isinstance(value, dict):
+        return {k: local_state(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(local_state(v) for v in value)
+    return value
+
+
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """L2 norm of the concatenation of `tensors`, computed in float32 or wider (over the shards for DTensors)."""
     if not tensors:
@@ -394,7 +425,7 @@ def fisher_perturbation_(
     scaled = [g * i for g, i in zip(grads, inverse)]  # F^-1 g
     denominator = torch.sqrt(global_dot(grads, scaled))  # sqrt(g^T F^-1 g)
     factor = rho / (float(denominator) + EPSILON)
-    torch._foreach_copy_(grads, scaled)
+    torch._foreach_copy_(local_tensors(grads), local_tensors(scaled))  # _foreach_copy_ takes no DTensors
     torch._foreach_mul_(grads, factor)
     return PerturbationResult(applied=True, grad_norm=grad_norm, perturbation_norm=global_norm(grads))
 
@@ -406,17 +437,21 @@ def filterwise_gaussian(
     with n the row's size (Flat-LoRA, Li et al., 2024); 1-D tensors (biases, norms) get e = 0.
 
     The noise of tensor k is drawn, in list order, with `torch.randn(W.shape, generator=generator)` on CPU
-    in float32 (so every device and rank that seeds the generator alike draws the same e).
+    in float32 (so every device and rank that seeds the generator alike draws the same e). For a DTensor
+    (an FSDP2 shard) the noise is drawn in the global shape, cut to this rank's slice (`shard_like`) and
+    scaled by the filter norms computed with DTensor ops: e equals the unsharded one.
     """
     noise = []
     for w in weights:
         if w.dim() < 2:
             noise.append(torch.zeros_like(w))
             continue
-        z = torch.randn(tuple(w.shape), generator=generator, dtype=torch.float32).to(w.device)
-        rows = w.detach().reshape(w.shape[0], -1)
-        std = sigma * torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32) / math.sqrt(rows.shape[1])
-        noise.append(z.mul_(std.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
+        z = torch.randn(tuple(w.shape), generator=generator, dtype=torch.float32)
+        z = shard_like(z, w) if is_sharded(w) else z.to(w.device)
+        row_size = math.prod(w.shape[1:])
+        norms = torch.linalg.vector_norm(w.detach(), dim=tuple(range(1, w.dim())), dtype=torch.float32)
+        std = sigma * norms / math.sqrt(row_size)
+        noise.append(z.mul_(std.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
     return noise
 
 

@@ -492,7 +492,8 @@ class SAFTTrainerMixin:
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        state = self.sam_strategy.state_dict() if self.sam_enabled else {}
+        # FSDP2: DTensors saved as this rank's shards (the variant re-wraps them on first use after loading)
+        state = sharpness.local_state(self.sam_strategy.state_dict()) if self.sam_enabled else {}
         if state:  # per rank: a variant's state (a kept direction, a Fisher estimate) may be rank-local
             os.makedirs(output_dir, exist_ok=True)
             torch.save({"sam_variant": self.args.sam_variant, "state": state}, self._sam_state_path(output_dir))
@@ -504,7 +505,8 @@ class SAFTTrainerMixin:
         path = self._sam_state_path(checkpoint)
         if not os.path.isfile(path):
             return
-        saved = torch.load(path, map_location=self.args.device, weights_only=True)
+        device = self.args.device  # multi-process CPU launches report "cpu:<rank>", which torch.load cannot map
+        saved = torch.load(path, map_location="cpu" if device.type == "cpu" else device, weights_only=True)
         if saved.get("sam_variant") != self.args.sam_variant:
             raise ValueError(
                 f"{path} holds the state of sam_variant={saved.get('sam_variant')!r}, but this run uses "

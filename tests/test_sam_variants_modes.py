@@ -37,6 +37,7 @@ def test_bf16_autocast_trains_close_to_the_fp32_replay(tmp_path, case):
         ("fsam", TrainingSetup(mixed_precision="fp16"), "not invariant to the fp16 loss scale"),
         ("gsam", TrainingSetup(distributed="deepspeed", mixed_precision="fp16", world_size=2), "DeepSpeed's fp16"),
         ("rwp", TrainingSetup(distributed="deepspeed", zero_stage=3, peft=True, world_size=2), "ZeRO-3 partitions"),
+        ("rwp", TrainingSetup(distributed="fsdp2", peft=True, world_size=2), "W0 + BA"),
     ],
 )
 def test_refused_setups_name_the_reason(tmp_path, variant, setup, match):
@@ -44,6 +45,13 @@ def test_refused_setups_name_the_reason(tmp_path, variant, setup, match):
     assert match in strategy.unsupported_reason(setup)
     # and the same variant runs where it can
     assert strategy.unsupported_reason(TrainingSetup(mixed_precision="bf16", distributed="ddp", world_size=2)) is None
+
+
+@pytest.mark.parametrize("variant", ["looksam", "gsam", "rwp", "esam", "fsam"])
+def test_every_variant_accepts_fsdp2(tmp_path, variant):
+    """FSDP2 runs of every variant are checked against the replay in tests/test_sam_variants_multiprocess.py."""
+    strategy = get_sam_variant(variant)(make_args(tmp_path, sam_variant=variant))
+    assert strategy.unsupported_reason(TrainingSetup(distributed="fsdp2", mixed_precision="bf16", world_size=2)) is None
 
 
 @pytest.mark.parametrize("variant", ["looksam", "gsam", "rwp", "esam", "fsam"])

@@ -137,10 +137,11 @@ def test_fsdp2_matches_the_synced_replay_only(launched, spec):
 def test_sharpness_reductions_over_uneven_shards(tmp_path):
     _launch(HERE / "multiproc" / "sharded_reductions_worker.py", "--out", str(tmp_path))
     checks = json.loads((tmp_path / "sharded_reductions.json").read_text())
-    assert len(checks) == 13
+    assert len(checks) == 19
     for name, difference in checks.items():
         assert difference < 2e-6, (name, difference)
-    for exact in ("perturbed", "restored_exactly", "shard_like", "all_reduce_mean_leaves_shards", "global_max_abs"):
+    for exact in ("perturbed", "restored_exactly", "shard_like", "all_reduce_mean_leaves_shards", "global_max_abs",
+                  "state_round_trip"):
         assert checks[exact] == 0.0, exact
 
 

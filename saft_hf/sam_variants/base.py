@@ -74,14 +74,6 @@ class TrainingSetup:
     gradient_accumulation_steps: int = 1
 
 
-def not_verified_under_fsdp2(setup: "TrainingSetup") -> str | None:
-    """The refusal of a variant whose sharded-state handling has no FSDP2 replay test yet."""
-    if setup.distributed == "fsdp2":
-        return ("this variant has no FSDP2 replay test yet (its state and reductions over sharded DTensors are "
-                "unverified); under FSDP2 use sam_variant 'sam' or 'asam', or train it with DDP or DeepSpeed ZeRO.")
-    return None
-
-
 @dataclass
 class SAMStep:
     """Per-micro-batch context handed to every hook. Read the fields; call the helpers for collectives.

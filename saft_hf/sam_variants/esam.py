@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .. import sharpness
 from ._common import BasePerturbationArguments, base_perturbation, check_base_variant, check_fraction
-from .base import SAMVariant, not_verified_under_fsdp2
+from .base import SAMVariant
 from .registry import register_sam_variant
 
 
@@ -74,9 +74,6 @@ def select_examples(inputs, indices: torch.Tensor, batch_size: int):
 class ESAM(SAMVariant):
     model_card_tags = ("esam",)
     arguments = ESAMArguments
-
-    def unsupported_reason(self, setup):
-        return not_verified_under_fsdp2(setup)
 
     def __init__(self, args):
         super().__init__(args)

@@ -18,7 +18,7 @@ import torch
 
 from .. import sharpness
 from ._common import check_fraction, check_nonnegative
-from .base import Perturbation, SAMVariant, not_verified_under_fsdp2
+from .base import Perturbation, SAMVariant
 from .registry import register_sam_variant
 
 
@@ -54,8 +54,6 @@ class FisherSAM(SAMVariant):
             raise ValueError(f"sam_eta={args.sam_eta} only affects ASAM; with sam_variant='fsam' set sam_eta=0.")
 
     def unsupported_reason(self, setup):
-        if not_verified_under_fsdp2(setup):
-            return not_verified_under_fsdp2(setup)
         if setup.mixed_precision == "fp16":
             return ("the Fisher metric 1 + eta g^2 is not invariant to the fp16 loss scale carried by the first-pass "
                     "gradient; use bf16 or fp32.")
@@ -69,6 +67,8 @@ class FisherSAM(SAMVariant):
             for name, g in zip(step.names, grads):
                 square = g.detach().float() ** 2
                 old = self.fisher.get(name)
+                if old is not None:  # restored from a checkpoint under FSDP2: this rank's shard, re-wrapped
+                    old = sharpness.from_local_like(old, square)
                 self.fisher[name] = square if old is None else old.mul_(decay).add_(square, alpha=1 - decay)
                 fisher.append(self.fisher[name])
         result = sharpness.fisher_perturbation_(grads, rho=self.args.sam_rho, eta=self.args.sam_fsam_eta,

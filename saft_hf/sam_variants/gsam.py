@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from .. import sharpness
 from ._common import BasePerturbationArguments, FirstPassSum, base_perturbation, check_base_variant
 from ._common import check_nonnegative, present
-from .base import SAMVariant, not_verified_under_fsdp2
+from .base import SAMVariant
 from .registry import register_sam_variant
 
 
@@ -46,8 +46,6 @@ class GSAM(SAMVariant):
         check_nonnegative(args, "sam_gsam_alpha")
 
     def unsupported_reason(self, setup):
-        if not_verified_under_fsdp2(setup):
-            return not_verified_under_fsdp2(setup)
         if setup.distributed == "deepspeed" and setup.mixed_precision == "fp16":
             return ("GSAM mixes the first-pass gradient (scaled by DeepSpeed's fp16 loss scale) with DeepSpeed's "
                     "accumulated gradient, whose scale is not exposed consistently; use bf16 or fp32 with DeepSpeed.")

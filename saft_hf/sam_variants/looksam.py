@@ -20,7 +20,7 @@ import torch
 from .. import sharpness
 from ._common import BasePerturbationArguments, FirstPassSum, base_perturbation, check_base_variant
 from ._common import check_nonnegative, check_positive_int, present
-from .base import SAMVariant, not_verified_under_fsdp2
+from .base import SAMVariant
 from .registry import register_sam_variant
 
 
@@ -42,9 +42,6 @@ class LookSAMArguments(BasePerturbationArguments):
 class LookSAM(SAMVariant):
     model_card_tags = ("looksam",)
     arguments = LookSAMArguments
-
-    def unsupported_reason(self, setup):
-        return not_verified_under_fsdp2(setup)
 
     def __init__(self, args):
         super().__init__(args)
@@ -88,8 +85,11 @@ class LookSAM(SAMVariant):
                     direction[i] = v
                 self.direction, self._direction_norm = direction, norm
             return  # the refresh step itself descends on g_s unchanged
+        if self._direction_norm is None:  # restored from a checkpoint (FSDP2: this rank's shards, re-wrapped)
+            self.direction = [None if d is None else sharpness.from_local_like(d, p)
+                              for d, p in zip(self.direction, step.trainable)]
         kept = present(grads, self.direction)
-        if self._direction_norm is None:  # restored from a checkpoint
+        if self._direction_norm is None:
             self._direction_norm = float(sharpness.global_norm([d for d in self.direction if d is not None]))
         sharpness.looksam_reuse_([grads[i] for i in kept], [self.direction[i] for i in kept],
                                  self.args.sam_looksam_alpha, direction_norm=self._direction_norm)

@@ -23,7 +23,7 @@ import torch
 
 from .. import sharpness
 from ._common import check_nonnegative
-from .base import Perturbation, SAMVariant, not_verified_under_fsdp2
+from .base import Perturbation, SAMVariant
 from .registry import register_sam_variant
 
 
@@ -58,8 +58,10 @@ class RWP(SAMVariant):
             raise ValueError("sam_rwp_sigma must be > 0 with sam_variant='rwp' (use sam_rho=0 to train plainly).")
 
     def unsupported_reason(self, setup):
-        if not_verified_under_fsdp2(setup):
-            return not_verified_under_fsdp2(setup)
+        if setup.peft and setup.distributed == "fsdp2":
+            return ("Flat-LoRA perturbs the frozen base weight W0 by the filter norms of W0 + BA, a product of "
+                    "sharded factors that FSDP2 would have to gather for every LoRA layer; not implemented. Use DDP "
+                    "or DeepSpeed ZeRO-1/2 for RWP with LoRA (RWP without LoRA runs under FSDP2).")
         if setup.peft and setup.zero_stage == 3:
             return ("Flat-LoRA perturbs the frozen base weights, which DeepSpeed ZeRO-3 partitions and does not "
                     "gather for frozen tensors here; use ZeRO-1/2 or DDP.")

@@ -3,7 +3,9 @@
 Checks that saft_hf.sharpness gives on DTensor shards (FSDP2's layout: Shard(0), uneven, a rank with an
 empty shard; also Shard(1)) what it gives on the full tensors: global_norm / global_dot / global_max_abs,
 the SAM/ASAM perturbation (incl. the rescaled path for a norm whose squares overflow), perturb_/restore_
-(exact), shard_like; and that SAMStep.all_reduce_mean (fsdp2.mean_over_replicas_) leaves shards alone.
+(exact), shard_like; that SAMStep.all_reduce_mean (fsdp2.mean_over_replicas_) leaves shards alone; and the
+variants' helpers: RWP's filter-wise noise, Fisher-SAM's perturbation, LookSAM's projection and reuse, GSAM's
+combination, and the per-rank state round trip (local_state / from_local_like).
 Rank 0 writes {check: max abs difference} to OUT/sharded_reductions.json.
 
     torchrun --nproc_per_node 2 tests/multiproc/sharded_reductions_worker.py --out DIR
@@ -78,6 +80,31 @@ def main():
     kept = shard(grads)
     fsdp2.mean_over_replicas_(kept)
     checks["all_reduce_mean_leaves_shards"] = diff(full(kept), grads)
+
+    # the SAM variants' helpers on shards equal them on the full tensors
+    gen = lambda: torch.Generator().manual_seed(11)  # noqa: E731
+    checks["filterwise_gaussian"] = diff(
+        full(sharpness.filterwise_gaussian(sp, 0.05, gen())), sharpness.filterwise_gaussian(params, 0.05, gen())
+    )
+    fisher_full, fisher_shard = [x.clone() for x in grads], shard(grads)
+    sharpness.fisher_perturbation_(fisher_full, rho=0.1, eta=1.0)
+    sharpness.fisher_perturbation_(fisher_shard, rho=0.1, eta=1.0)
+    checks["fisher_perturbation"] = diff(full(fisher_shard), fisher_full)
+    checks["orthogonal_component"] = diff(
+        full(sharpness.orthogonal_component(sg, sp)), sharpness.orthogonal_component(grads, params)
+    )
+    reuse_full, reuse_shard = [x.clone() for x in grads], shard(grads)
+    sharpness.looksam_reuse_(reuse_full, params, 0.7)
+    sharpness.looksam_reuse_(reuse_shard, sp, 0.7)
+    checks["looksam_reuse"] = diff(full(reuse_shard), reuse_full)
+    gsam_full, gsam_shard = [x.clone() for x in grads], shard(grads)
+    sharpness.gsam_combine_(gsam_full, params, 0.4)
+    sharpness.gsam_combine_(gsam_shard, sp, 0.4)
+    checks["gsam_combine"] = diff(full(gsam_shard), gsam_full)
+    saved = sharpness.local_state({"direction": sg})  # what this rank's checkpoint file holds
+    assert not any(sharpness.is_sharded(t) for t in saved["direction"])
+    restored = [sharpness.from_local_like(t, p) for t, p in zip(saved["direction"], sp)]
+    checks["state_round_trip"] = diff(full(restored), grads)
 
     if rank == 0:
         with open(os.path.join(out, "sharded_reductions.json"), "w") as handle:

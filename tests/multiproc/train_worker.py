@@ -116,7 +116,7 @@ def allow_fsdp_on_cpu() -> None:
 
 
 def run_one(out: str, backend: str, grad_accum: int, sync: bool, steps: int, rho: float, variant: str,
-            interval: int = 1) -> None:
+            interval: int = 1, resume_check: bool = False) -> None:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()  # a fresh accelerator (DDP, DeepSpeed or FSDP2) for every run
@@ -141,7 +141,9 @@ def run_one(out: str, backend: str, grad_accum: int, sync: bool, steps: int, rho
         max_grad_norm=0.0,
         use_cpu=True,
         report_to="none",
-        save_strategy="no",
+        # resume_check: a checkpoint after every step; a second trainer resumes from checkpoint-1 (below)
+        save_strategy="steps" if resume_check else "no",
+        save_steps=1,
         logging_steps=1,
         seed=3,
         disable_tqdm=True,
@@ -152,7 +154,10 @@ def run_one(out: str, backend: str, grad_accum: int, sync: bool, steps: int, rho
         deepspeed=deepspeed_config(int(backend[-1])) if backend.startswith("zero") else None,
         # fc1 and fc2 get their own FSDP2 groups, the LayerNorm stays in the root's (min_num_params=20)
         fsdp=fsdp or None,
-        fsdp_config={"version": 2, "auto_wrap_policy": "SIZE_BASED_WRAP", "min_num_params": 20} if fsdp else None,
+        # resume_check: sharded checkpoints (torch 2.13's full-state-dict optimizer load needs a tensor in the
+        # optimizer state, which plain SGD has none of)
+        fsdp_config=({"version": 2, "auto_wrap_policy": "SIZE_BASED_WRAP", "min_num_params": 20}
+                     | ({"state_dict_type": "SHARDED_STATE_DICT"} if resume_check else {})) if fsdp else None,
         bf16=bf16,
     )
     if bf16:  # param_dtype bf16 for compute, float32 gradient reduction and master weights
@@ -166,31 +171,47 @@ def run_one(out: str, backend: str, grad_accum: int, sync: bool, steps: int, rho
     trainer.pending_unsharded_grads = 0  # first passes that ran while FSDP held unreduced gradients
     trainer.train()
 
+    resumed_final = None
+    if resume_check:  # resumed from checkpoint-1 (weights, optimizer, the variant's per-rank state): same end
+        AcceleratorState._reset_state()
+        torch.manual_seed(0)
+        again = RecordingTrainer(model=TinyClassifier(), args=args, train_dataset=TinyDataset(n=64))
+        again.recorded, again.restore_errors = [], []
+        again.first_pass_grad_changes = again.pending_unsharded_grads = 0
+        again.train(resume_from_checkpoint=os.path.join(args.output_dir, "checkpoint-1"))
+        resumed_final = _full_state_dict(again, backend)
+        checkpoint_files = sorted(os.listdir(os.path.join(args.output_dir, "checkpoint-1")))
+
     rank = trainer.args.process_index
     os.makedirs(out, exist_ok=True)
     torch.save(trainer.recorded, os.path.join(out, f"batches_rank{rank}.pt"))
+    final = _full_state_dict(trainer, backend)
+    if rank == 0:
+        logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+        from saft_hf import sharpness  # FSDP2: DTensor state as this rank's shards, like a checkpoint file
+
+        strategy = {"class": type(trainer.sam_strategy).__name__,
+                    "state": sharpness.local_state(trainer.sam_strategy.state_dict())}
+        torch.save(
+            {"init": init, "final": final, "logs": logs, "world": trainer.args.world_size, "strategy": strategy,
+             "restore_errors": trainer.restore_errors, "first_pass_grad_changes": trainer.first_pass_grad_changes,
+             "pending_unsharded_grads": trainer.pending_unsharded_grads, "compute_dtypes": sorted(set(compute_dtypes)),
+             "parameter_types": sorted({type(p).__name__ for p in trainer.model_wrapped.parameters()}),
+             "resumed_final": resumed_final, "checkpoint_files": checkpoint_files if resume_check else None},
+            os.path.join(out, "result.pt"),
+        )
+    torch.distributed.barrier()
+
+
+def _full_state_dict(trainer, backend: str) -> dict:
+    """The trained weights as full tensors (gathered under ZeRO-3 and FSDP2), on every rank."""
     module = trainer.accelerator.unwrap_model(trainer.model_wrapped)
     if backend == "zero3":
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(module.parameters())):
-            final = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    else:
-        final = {
-            k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
-            for k, v in module.state_dict().items()
-        }
-    if rank == 0:
-        logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-        strategy = {"class": type(trainer.sam_strategy).__name__, "state": trainer.sam_strategy.state_dict()}
-        torch.save(
-            {"init": init, "final": final, "logs": logs, "world": trainer.args.world_size, "strategy": strategy,
-             "restore_errors": trainer.restore_errors, "first_pass_grad_changes": trainer.first_pass_grad_changes,
-             "pending_unsharded_grads": trainer.pending_unsharded_grads, "compute_dtypes": sorted(set(compute_dtypes)),
-             "parameter_types": sorted({type(p).__name__ for p in trainer.model_wrapped.parameters()})},
-            os.path.join(out, "result.pt"),
-        )
-    torch.distributed.barrier()
+            return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in module.state_dict().items()}
 
 
 def main():
@@ -200,6 +221,8 @@ def main():
                         help="backend:grad_accum:local|sync[:variant[:interval]] ...")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rho", type=float, default=0.5)
+    parser.add_argument("--resume-check", action="store_true",
+                        help="also resume each run from its checkpoint-1 and record the resumed final weights")
     cli = parser.parse_args()
     for module in filter(None, os.environ.get("SAFT_TEST_SAM_VARIANT_MODULES", "").split(",")):
         importlib.import_module(module.strip())  # registers its variants
@@ -210,7 +233,7 @@ def main():
         variant = rest[0] if rest else "asam"
         interval = int(rest[1]) if len(rest) > 1 else 1
         run_one(os.path.join(cli.out, spec.replace(":", "_")), backend, int(grad_accum), mode == "sync", cli.steps,
-                cli.rho, variant, interval)
+                cli.rho, variant, interval, cli.resume_check)
 
 
 if __name__ == "__main__":
