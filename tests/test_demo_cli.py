@@ -21,6 +21,10 @@ def test_defaults_match_study_config():
     assert cfg.train_steps == default.train_steps and cfg.max_test == default.max_test
     assert cfg.methods == ("adamw", "asam") and cfg.seeds == (0,)
     assert cfg.output_dir == "saft_demo_report" and cfg.logit_scale is None
+    # the regime chosen by docs/demo-study.md's search, and the default merge rows
+    assert (cfg.tasks, cfg.train_steps, cfg.learning_rate) == (default.tasks, 80, 5e-4) and len(cfg.tasks) == 6
+    assert cfg.merges == default.merges == ("weighted_average", "task_arithmetic", "ties", "tsv_merging", "iso_c")
+    assert cli.config_from_args(_parse(["--merges", "study"])).merges == ("study",)
 
 
 def test_quick_preset_and_explicit_overrides():

