@@ -408,7 +408,7 @@ def forest_plot(rows: Sequence[dict], path: str | os.PathLike, title: str | None
                         color="C0" if res.ci_low > 0 or res.ci_high < 0 else "0.3", capsize=3)
         ax.axvline(0.0, color="C3", lw=1, ls="--")
         ci = rows[0]["absolute"].ci
-        ax.set_xlabel(f"effect, {label} (percentage points, {100 * ci:g}% CI)")
+        ax.set_xlabel(f"{label}: effect, pp ({100 * ci:g}% CI)")
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(y)
     axes[0].set_yticklabels(names)
