@@ -13,7 +13,7 @@ STUDY_SEEDS = (0, 1, 2)  # `--study`: three training seeds
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from saft_hf.demo.study import QUICK_OVERRIDES, StudyConfig, fine_tuning_methods
-    from saft_hf.evaluation.merge_selection import MERGES_HELP
+    from saft_hf.evaluation.merge_selection import merges_help
 
     d = StudyConfig()
     parser.add_argument("--quick", action="store_true",
@@ -40,9 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-boot", type=int, default=d.n_boot,
                         help=f"bootstrap replicates of the effect statistics (default {d.n_boot})")
     parser.add_argument("--merges", nargs="+", default=list(d.merges), metavar="METHOD",
-                        help=MERGES_HELP.replace("default: the registry's study methods",
-                                                 f"default: {' '.join(d.merges)}; 'study' runs every study method, "
-                                                 "about 10 more minutes per fine-tuning method"))
+                        help=merges_help(f"{' '.join(d.merges)}; 'study' takes about 10 more minutes per "
+                                         "fine-tuning method"))
     parser.add_argument("--steps", type=int, default=None, help=f"fine-tuning steps per task (default {d.train_steps}; --quick {QUICK_OVERRIDES['train_steps']})")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
     parser.add_argument("--lr", type=float, default=d.learning_rate, help=f"AdamW learning rate (default {d.learning_rate:g})")

@@ -3,9 +3,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
-MERGES_HELP = ("merge methods to run (default: the registry's study methods): registered methods or search aliases "
-               "(e.g. regmean fisher_merging adamerging, which read each task's unlabeled inputs through the "
-               "family's heads), 'study' for the default set, 'all' for every registered method")
+def merges_help(default: str = "the registry's study methods") -> str:
+    """The `--merges` help text of a study command whose default rows are `default`."""
+    return (f"merge methods to run (default: {default}): registered methods or search aliases (e.g. regmean "
+            "fisher_merging adamerging, which read each task's unlabeled inputs through the family's heads), "
+            "'study' for every study method of the registry, 'all' for every registered method")
+
+
+MERGES_HELP = merges_help()
 
 
 def merge_names(merges: Sequence[str] | None) -> list[str] | None:
