@@ -38,8 +38,10 @@ class _CoreSharpnessArguments:
     sam_rho: float = field(
         default=0.5,
         metadata={
-            "help": "Radius rho of the sharpness-aware perturbation (the SAFT paper uses 0.5 for ASAM, "
-            "0.05 for plain SAM). 0 disables SAM: the trainer then behaves exactly like `Trainer`."
+            "help": "Radius rho of the sharpness-aware perturbation (default 0.5: ASAM's, as in the SAFT paper). "
+            "The papers' radii: 0.05 for 'sam' and for 'looksam', 'gsam', 'esam' on plain SAM (0.5 with "
+            "sam_base_variant='asam'), 0.1 for 'fsam'; for 'rwp' it only switches the variant on (> 0). "
+            "0 disables SAM: the trainer then behaves exactly like `Trainer`."
         },
     )
     sam_variant: str = field(

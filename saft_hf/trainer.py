@@ -110,6 +110,7 @@ class SAFTTrainerMixin:
         self.sam_strategy: sam_variants.SAMVariant = sam_variants.get_sam_variant(args.sam_variant)(args)
         if self.sam_enabled:
             self._check_sam_support()
+            self._warn_if_rho_off_scale()
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -188,6 +189,17 @@ class SAFTTrainerMixin:
                 "FSDP2 shards the parameters, so all ranks must share one perturbation: the first-pass gradient is "
                 "reduce-scattered (mean over ranks) and each rank perturbs its shard (as with "
                 "sam_sync_perturbation=True)."
+            )
+
+    def _warn_if_rho_off_scale(self) -> None:
+        """sam_rho defaults to ASAM's 0.5; the variants that perturb with plain SAM use ~0.05 in their papers and
+        do not train well at ten times that (measured in the demo: below zero-shot accuracy). Warn, do not change it."""
+        paper = type(self.sam_strategy).default_rho(self.args)
+        if paper is not None and self.args.sam_rho >= 5 * paper:
+            logger.warning(
+                f"sam_rho={self.args.sam_rho:g} is {self.args.sam_rho / paper:.0f}x the radius sam_variant="
+                f"{self.args.sam_variant!r} uses in its paper ({paper:g}); sam_rho's default 0.5 is ASAM's scale. "
+                f"Set sam_rho={paper:g} unless the larger radius is intended."
             )
 
     @property

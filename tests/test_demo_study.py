@@ -261,7 +261,8 @@ def test_report_leads_with_the_effect_table_forest_plot_and_cost(two_seed_study)
     cost = saved["cost_benefit"]["methods"]
     assert cost["adamw"]["relative_cost"] == pytest.approx(1.0)
     assert cost["asam"]["seconds_per_step"] > 0 and set(cost["asam"]["merged"]) == _merges()
-    assert "| method | s / step | x AdamW | individual abs |" in text
+    assert "| method | sam_rho | s / step | x AdamW | individual abs |" in text
+    assert cost["adamw"]["sam_rho"] == 0.0 and cost["asam"]["sam_rho"] == 0.5
     records = saved["training"].values()
     assert all(r["optimizer_steps"] == 6 for r in records)
 
@@ -272,8 +273,8 @@ def test_fine_tuning_methods_come_from_the_sam_variant_registry(tiny_model_dir, 
 
     methods = study.fine_tuning_methods()
     assert methods["adamw"] == (0.0, "asam") and set(sam_variant_names()) <= set(methods)
-    cfg = _config(tiny_model_dir, tmp_path, sam_rhos={"sam": 0.05})
-    assert study.method_setting(cfg, "sam") == (0.05, "sam") and study.method_setting(cfg, "asam") == (0.5, "asam")
+    cfg = _config(tiny_model_dir, tmp_path, sam_rhos={"sam": 0.2})
+    assert study.method_setting(cfg, "sam") == (0.2, "sam") and study.method_setting(cfg, "asam") == (0.5, "asam")
     with pytest.raises(ValueError, match="unknown fine-tuning method 'nope'"):
         study.method_setting(cfg, "nope")
     import argparse
@@ -284,6 +285,50 @@ def test_fine_tuning_methods_come_from_the_sam_variant_registry(tiny_model_dir, 
     assert demo_cli.config_from_args(parser.parse_args(["--study", "--seeds", "4"])).seeds == (4,)
     assert demo_cli.config_from_args(parser.parse_args([])).seeds == (0,)
     assert demo_cli.config_from_args(parser.parse_args(["--methods", "adamw", "sam"])).methods == ("adamw", "sam")
+    parsed = demo_cli.config_from_args(parser.parse_args(["--sam-rho", "looksam=0.1", "asam=0.3"]))
+    assert parsed.sam_rhos == {"looksam": 0.1, "asam": 0.3}
+    assert demo_cli.config_from_args(parser.parse_args([])).sam_rhos is None
+
+
+def test_each_variant_fine_tunes_at_its_papers_radius_in_its_own_cache_key(tiny_model_dir, tmp_path):
+    """Defaults: ASAM at asam_rho, the others at their paper's radius (ASAM's 0.5 is ~10x that of the
+    variants perturbing with plain SAM); a radius other than asam_rho is part of the method's cache key."""
+    cfg = _config(tiny_model_dir, tmp_path)
+    settings = {m: study.method_setting(cfg, m) for m in ("adamw", "asam", "sam", "looksam", "esam", "gsam", "fsam", "rwp")}
+    assert settings == {"adamw": (0.0, "asam"), "asam": (0.5, "asam"), "sam": (0.05, "sam"),
+                        "looksam": (0.05, "looksam"), "esam": (0.05, "esam"), "gsam": (0.05, "gsam"),
+                        "fsam": (0.1, "fsam"), "rwp": (0.5, "rwp")}  # RWP's rho only switches it on
+    keys = {m: study.method_key(cfg, m) for m in settings}
+    assert keys == {"adamw": "adamw", "asam": "asam", "sam": "sam-rho0.05", "looksam": "looksam-rho0.05",
+                    "esam": "esam-rho0.05", "gsam": "gsam-rho0.05", "fsam": "fsam-rho0.1", "rwp": "rwp"}
+    other = _config(tiny_model_dir, tmp_path, sam_rhos={"asam": 0.2, "looksam": 0.5}, asam_rho=0.5)
+    assert study.method_key(other, "asam") == "asam-rho0.2" and study.method_key(other, "looksam") == "looksam"
+    # the signature (hash shared by every method) does not depend on the per-variant radii
+    assert cfg.finetune_signature("m", 10.0) == other.finetune_signature("m", 10.0)
+
+
+def test_cached_checkpoint_trained_at_another_rho_is_retrained(tiny_model_dir, tmp_path, capsys):
+    from saft_hf.demo.sources import sha256_file
+
+    cfg = _config(tiny_model_dir, tmp_path, methods=("adamw", "sam"), tasks=("color", "mood"), merges=("task_arithmetic",))
+    first = study.run_study(cfg)
+    ckpts = sorted((tmp_path / "cache" / "checkpoints").glob("*/sam-rho0.05-seed0/*"))
+    assert len(ckpts) == 2
+    assert {r["sam_rho"] for k, r in first["training"].items() if k.startswith("sam-")} == {0.05}
+    # a record claiming another radius (e.g. written by an older version under this key), checksums intact
+    info = ckpts[0] / "saft_demo_training.json"
+    record = json.loads(info.read_text())
+    info.write_text(json.dumps({**record, "sam_rho": 0.5}))
+    manifest = ckpts[0] / "manifest.json"
+    manifest.write_text(json.dumps({"sha256": {f.name: sha256_file(f) for f in sorted(ckpts[0].iterdir())
+                                               if f.is_file() and f.name != "manifest.json"}}))
+    capsys.readouterr()
+    again = study.run_study(cfg)
+    err = capsys.readouterr().err
+    assert f"cached {ckpts[0]} was trained with sam_rho 0.5, not 0.05; training it again" in err, err
+    reused = {k: r.get("reused_from_cache", False) for k, r in again["training"].items()}
+    assert sorted(reused.values()) == [False, True, True, True], reused
+    assert json.loads(info.read_text())["sam_rho"] == 0.05
 
 
 def test_merge_monitor_pass_plots_merged_accuracy_per_step(tiny_model_dir, tmp_path):

@@ -362,3 +362,33 @@ def test_docs_example_variant_with_its_own_knob_trains(tmp_path):
         assert max_difference({k: model.state_dict()[k] for k in reference}, reference) < 1e-6
     finally:
         unregister_sam_variant("signsam")
+
+
+# ---------------------------------------------------------------- each variant's paper radius
+def test_each_variant_declares_its_papers_radius():
+    from saft_hf.sam_variants.base import SAMVariant as Base
+
+    want = {"asam": 0.5, "sam": 0.05, "looksam": 0.05, "gsam": 0.05, "esam": 0.05, "fsam": 0.1, "rwp": None}
+    assert {name: get_sam_variant(name).default_rho() for name in want} == want
+    # the variants built on SAM/ASAM take ASAM's radius with the adaptive base perturbation
+    adaptive = type("Args", (), {"sam_base_variant": "asam"})()
+    assert [get_sam_variant(n).default_rho(adaptive) for n in ("looksam", "gsam", "esam")] == [0.5] * 3
+    assert Base.default_rho() is None  # a variant registered without a paper radius: no default, no warning
+
+
+@pytest.mark.parametrize("variant,rho,warns", [("looksam", 0.5, True), ("sam", 0.25, True), ("fsam", 0.5, True),
+                                                ("looksam", 0.05, False), ("asam", 0.5, False), ("rwp", 0.5, False),
+                                                ("fsam", 0.1, False)])
+def test_trainer_warns_when_rho_is_far_above_the_variants_paper_radius(tmp_path, caplog, variant, rho, warns):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="saft_hf.trainer")
+    SAFTTrainer(model=TinyClassifier(), args=make_args(tmp_path, sam_variant=variant, sam_rho=rho),
+                train_dataset=TinyDataset())
+    messages = [r.getMessage() for r in caplog.records if "uses in its paper" in r.getMessage()]
+    if warns:
+        paper = get_sam_variant(variant).default_rho()
+        assert len(messages) == 1 and f"sam_variant={variant!r}" in messages[0], messages
+        assert f"Set sam_rho={paper:g}" in messages[0] and f"sam_rho={rho:g} is {rho / paper:.0f}x" in messages[0]
+    else:
+        assert messages == []

@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
     parser.add_argument("--lr", type=float, default=d.learning_rate, help=f"AdamW learning rate (default {d.learning_rate:g})")
     parser.add_argument("--asam-rho", type=float, default=d.asam_rho, help=f"ASAM neighbourhood size (default {d.asam_rho:g}, as in the paper)")
+    parser.add_argument("--sam-rho", nargs="+", default=[], metavar="METHOD=RHO", type=_method_rho,
+                        help="sam_rho of other --methods, e.g. looksam=0.1 (default: each variant's paper radius: "
+                        + _paper_rhos_text() + ")")
     parser.add_argument("--max-length", type=int, default=d.max_length, help=f"max tokens per example (default {d.max_length})")
     parser.add_argument("--logit-scale", type=float, default=None,
                         help="zero-shot head logit scale (default: chosen by zero-shot validation loss)")
@@ -56,6 +59,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "curve, cross-task linearity, loss barrier; about 6 minutes on 2 cores) into "
                         "<output>/diagnostics (default: off, to keep the default run within its 20-minute budget; "
                         "`saft-hf analyze` runs them on the cached checkpoints)")
+
+
+def _method_rho(text: str) -> tuple[str, float]:
+    """METHOD=RHO of --sam-rho (argparse reports the ValueError's message as the bad value)."""
+    from saft_hf.demo.study import fine_tuning_methods
+
+    method, sep, value = text.partition("=")
+    methods = sorted(m for m in fine_tuning_methods() if m != "adamw")
+    if not sep or method not in methods:
+        raise argparse.ArgumentTypeError(f"{text!r}: write METHOD=RHO with METHOD one of {', '.join(methods)}")
+    try:
+        rho = float(value)
+    except ValueError:
+        rho = float("nan")
+    if not rho > 0 or rho == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: RHO must be a finite number > 0 (use --methods adamw for no SAM)")
+    return method, rho
+
+
+def _paper_rhos_text() -> str:
+    from saft_hf.sam_variants.registry import get_sam_variant, sam_variant_names
+
+    rhos = {n: get_sam_variant(n).default_rho() for n in sam_variant_names() if n != "asam"}
+    return ", ".join(f"{n} {r:g}" for n, r in rhos.items() if r is not None) + "; the rest --asam-rho"
 
 
 def config_from_args(args):
@@ -71,7 +98,8 @@ def config_from_args(args):
                        monitor_every=args.monitor,
                        methods=tuple(args.methods), merges=tuple(args.merges),
                        batch_size=args.batch_size, learning_rate=args.lr,
-                       asam_rho=args.asam_rho, max_length=args.max_length, logit_scale=args.logit_scale,
+                       asam_rho=args.asam_rho, sam_rhos=dict(args.sam_rho) or None,
+                       max_length=args.max_length, logit_scale=args.logit_scale,
                        cache_dir=args.cache_dir, output_dir=args.output, threads=args.threads,
                        analysis=bool(args.analysis), **overrides)
 

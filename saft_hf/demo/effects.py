@@ -48,15 +48,17 @@ def cost_benefit(study: Mapping) -> dict:
     methods = list(study["config"]["methods"])
     baseline = _baseline(methods)
     per_step: dict = {}
+    rhos: dict = {}
     for rec in study["training"].values():
         steps = rec.get("optimizer_steps") or study["config"]["train_steps"]
         per_step.setdefault(rec["method"], []).append(rec["train_seconds"] / max(1, steps))
+        rhos[rec["method"]] = rec.get("sam_rho")
     runs = list(study["runs"].values())
     merges = list(runs[0]["methods"][methods[0]]["merges"]) if runs else []
     rows = {}
     for m in methods:
         sec = statistics.fmean(per_step[m]) if per_step.get(m) else float("nan")
-        row = {"seconds_per_step": sec, "individual_abs": statistics.fmean(
+        row = {"seconds_per_step": sec, "sam_rho": rhos.get(m), "individual_abs": statistics.fmean(
             r["methods"][m]["individual"]["absolute_mean"] for r in runs), "merged": {}}
         for k in merges:
             rows_k = [r["methods"][m]["merges"][k] for r in runs]
@@ -78,11 +80,13 @@ def cost_markdown(cost: Mapping, names: Mapping[str, str]) -> str:
         return ""
     merges = list(next(iter(methods.values()))["merged"])
     labels = {k: next(iter(methods.values()))["merged"][k]["label"] for k in merges}
-    head = ["method", "s / step", f"x {names.get(cost['baseline'], cost['baseline'])}", "individual abs",
+    head = ["method", "sam_rho", "s / step", f"x {names.get(cost['baseline'], cost['baseline'])}", "individual abs",
             *[f"{labels[k]} abs / norm" for k in merges]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, row in methods.items():
-        cells = [names.get(m, m), f"{row['seconds_per_step']:.3f}", f"{row['relative_cost']:.2f}",
+        rho = row.get("sam_rho")
+        cells = [names.get(m, m), "-" if rho is None else f"{rho:g}", f"{row['seconds_per_step']:.3f}",
+                 f"{row['relative_cost']:.2f}",
                  f"{100 * row['individual_abs']:.2f}",
                  *[f"{100 * row['merged'][k]['abs']:.2f} / {100 * row['merged'][k]['norm']:.2f}" for k in merges]]
         lines.append("| " + " | ".join(cells) + " |")

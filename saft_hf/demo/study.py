@@ -42,8 +42,8 @@ BASELINE_METHOD = "adamw"
 
 def fine_tuning_methods() -> dict[str, tuple[float | None, str]]:
     """{--methods name: (sam_rho, sam_variant)}: "adamw" (sam_rho 0, plain AdamW) and every SAM
-    variant of the registry (`saft_hf.sam_variants`) under its own name, with sam_rho None = the
-    config's rho (`asam_rho`, or `sam_rhos[name]`). Read on each call: variants may be registered later."""
+    variant of the registry (`saft_hf.sam_variants`) under its own name, with sam_rho None = chosen by
+    `method_setting` from the config. Read on each call: variants may be registered later."""
     from saft_hf.sam_variants.registry import sam_variant_names
 
     # AdamW keeps sam_variant "asam" (ignored at rho 0) so its runs are bit-identical to the first release's
@@ -100,7 +100,8 @@ class StudyConfig:
     threads: int | None = None
     analysis: bool = False
     min_tasks: int = 2
-    sam_rhos: dict | None = None  # {method: rho} for SAM variants that should not use asam_rho
+    # {method: rho} overriding a variant's radius (default: its paper's, `SAMVariant.default_rho`; ASAM: asam_rho)
+    sam_rhos: dict | None = None
     n_boot: int = 10000  # bootstrap replicates of the ASAM - AdamW effect statistics
     monitor_every: int = 0  # > 0: MergeMonitorCallback every N steps on the last task (--monitor)
     monitor_val_size: int = 64  # validation examples per task the monitor evaluates
@@ -126,8 +127,7 @@ class StudyConfig:
                 "batch_size": self.batch_size, "learning_rate": self.learning_rate,
                 "weight_decay": self.weight_decay, "warmup_ratio": self.warmup_ratio, "asam_rho": self.asam_rho,
                 "logit_scale": logit_scale, "max_train": self.max_train, "test_fraction": self.test_fraction,
-                "data_seed": demo_data.DATA_SEED,
-                **({"sam_rhos": dict(self.sam_rhos)} if self.sam_rhos else {})}  # absent by default: old keys hold
+                "data_seed": demo_data.DATA_SEED}  # each other variant's rho is in its method key (`method_key`)
 
 
 # Budgets (2-core CPU): default <= 20 min, --quick <= 5 min from a fresh cache; fine-tuning is
@@ -331,12 +331,26 @@ def method_setting(cfg: StudyConfig, method: str) -> tuple[float, str]:
         raise ValueError(f"unknown fine-tuning method {method!r}; choose from {sorted(methods)}")
     rho, variant = methods[method]
     if rho is None:
-        rho = (cfg.sam_rhos or {}).get(method, cfg.asam_rho)
+        rho = (cfg.sam_rhos or {}).get(method)
+    if rho is None:
+        # each variant at its paper's radius: ASAM's 0.5 is ~10x the radius of the variants perturbing with
+        # plain SAM, which then fine-tune below zero-shot accuracy (measured: docs/demo-study.md section 7)
+        from saft_hf.sam_variants.registry import get_sam_variant
+
+        paper = get_sam_variant(variant).default_rho()
+        rho = cfg.asam_rho if variant == "asam" or paper is None else paper
     return float(rho), variant
 
 
-def checkpoint_dir(cache_dir: Path, signature: dict, task: str, method: str, seed: int) -> Path:
-    return cache_dir / "checkpoints" / _hash(signature) / f"{method}-seed{seed}" / task
+def method_key(cfg: StudyConfig, method: str) -> str:
+    """The cache directory name of a method's checkpoints: its name, plus its rho unless that is in the
+    signature (AdamW; ASAM at asam_rho), so a variant trained at another radius is never reused."""
+    rho, _variant = method_setting(cfg, method)
+    return method if rho == 0 or rho == cfg.asam_rho else f"{method}-rho{rho:g}"
+
+
+def checkpoint_dir(cache_dir: Path, signature: dict, task: str, key: str, seed: int) -> Path:
+    return cache_dir / "checkpoints" / _hash(signature) / f"{key}-seed{seed}" / task
 
 
 def finetune_all(cfg, model_path, heads, tasks, pad_id, cache_dir, signature) -> dict:
@@ -346,8 +360,12 @@ def finetune_all(cfg, model_path, heads, tasks, pad_id, cache_dir, signature) ->
     jobs = [(s, m, t) for s in cfg.seeds for m in cfg.methods for t in tasks]
     records = {}
     for seed, method, name in tqdm(jobs, desc="fine-tuning (seed x method x task)", unit="run"):
-        ckpt = checkpoint_dir(cache_dir, signature, name, method, seed)
+        ckpt = checkpoint_dir(cache_dir, signature, name, method_key(cfg, method), seed)
         record = cached_record(ckpt)
+        rho = method_setting(cfg, method)[0]
+        if record is not None and record.get("sam_rho") != rho:
+            log(f"WARNING: cached {ckpt} was trained with sam_rho {record.get('sam_rho')}, not {rho:g}; training it again")
+            record = None
         if record is not None:
             record["reused_from_cache"] = True
             log(f"reusing fine-tuned {method} seed {seed} {name}: {ckpt}")

@@ -29,6 +29,20 @@ class BasePerturbationArguments:
     )
 
 
+class BuildsOnBasePerturbation:
+    """Mixin of the variants that perturb with SAM or ASAM (sam_base_variant): their papers' radius is
+    SAM's 0.05 (Foret et al.; LookSAM, ESAM and GSAM use 0.04-0.1 in their CNN settings), ASAM's 0.5 with
+    sam_base_variant='asam' (the ball T = |w| is about ten times larger)."""
+
+    paper_rho = 0.05
+
+    @classmethod
+    def default_rho(cls, args=None) -> float:
+        from .sam import ASAM
+
+        return ASAM.paper_rho if getattr(args, "sam_base_variant", "sam") == "asam" else cls.paper_rho
+
+
 def check_base_variant(args, variant: str) -> None:
     base = getattr(args, "sam_base_variant", "sam")
     if base not in BASE_VARIANTS:

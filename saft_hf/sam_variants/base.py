@@ -207,11 +207,19 @@ class SAMVariant:
     #: optional dataclass whose `sam_*` fields are added to SAFT(Seq2Seq)TrainingArguments; only for
     #: variants inside the saft_hf.sam_variants package (collected when saft_hf.args is first imported)
     arguments: ClassVar[type | None] = None
+    #: the radius `sam_rho` its paper uses (read through `default_rho`): the demo's per-variant default and
+    #: the scale the trainer warns about. None: sam_rho is not a radius for this variant (only switches it on).
+    paper_rho: ClassVar[float | None] = None
 
     def __init__(self, args: Any):
         self.args = args
 
     # ---------------------------------------------------------------- declarations
+    @classmethod
+    def default_rho(cls, args: Any = None) -> float | None:
+        """The paper's `sam_rho` for this variant with these arguments (None: no radius; see `paper_rho`)."""
+        return cls.paper_rho
+
     @classmethod
     def validate_arguments(cls, args: Any) -> None:
         """Raise ValueError naming the bad `sam_*` knob (called from the arguments' __post_init__ and again

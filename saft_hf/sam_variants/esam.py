@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import sharpness
-from ._common import BasePerturbationArguments, base_perturbation, check_base_variant, check_fraction
+from ._common import BasePerturbationArguments, BuildsOnBasePerturbation
+from ._common import base_perturbation, check_base_variant, check_fraction
 from .base import SAMVariant
 from .registry import register_sam_variant
 
@@ -71,7 +72,7 @@ def select_examples(inputs, indices: torch.Tensor, batch_size: int):
 
 
 @register_sam_variant("esam")
-class ESAM(SAMVariant):
+class ESAM(BuildsOnBasePerturbation, SAMVariant):
     model_card_tags = ("esam",)
     arguments = ESAMArguments
 

@@ -38,6 +38,7 @@ class FisherSAMArguments:
 @register_sam_variant("fsam")
 class FisherSAM(SAMVariant):
     model_card_tags = ("fisher-sam",)
+    paper_rho = 0.1  # Kim et al.'s gamma (CIFAR settings)
     arguments = FisherSAMArguments
 
     def __init__(self, args):

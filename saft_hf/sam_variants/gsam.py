@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 
 from .. import sharpness
-from ._common import BasePerturbationArguments, FirstPassSum, base_perturbation, check_base_variant
+from ._common import BasePerturbationArguments, BuildsOnBasePerturbation
+from ._common import FirstPassSum, base_perturbation, check_base_variant
 from ._common import check_nonnegative, present
 from .base import SAMVariant
 from .registry import register_sam_variant
@@ -32,7 +33,7 @@ class GSAMArguments(BasePerturbationArguments):
 
 
 @register_sam_variant("gsam")
-class GSAM(SAMVariant):
+class GSAM(BuildsOnBasePerturbation, SAMVariant):
     model_card_tags = ("gsam",)
     arguments = GSAMArguments
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import sharpness
-from ._common import BasePerturbationArguments, FirstPassSum, base_perturbation, check_base_variant
+from ._common import BasePerturbationArguments, BuildsOnBasePerturbation
+from ._common import FirstPassSum, base_perturbation, check_base_variant
 from ._common import check_nonnegative, check_positive_int, present
 from .base import SAMVariant
 from .registry import register_sam_variant
@@ -39,7 +40,7 @@ class LookSAMArguments(BasePerturbationArguments):
 
 
 @register_sam_variant("looksam")
-class LookSAM(SAMVariant):
+class LookSAM(BuildsOnBasePerturbation, SAMVariant):
     model_card_tags = ("looksam",)
     arguments = LookSAMArguments
 

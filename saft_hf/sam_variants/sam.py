@@ -17,6 +17,7 @@ class SAM(SAMVariant):
 
     adaptive = False
     model_card_tags = ("sam",)
+    paper_rho = 0.05  # Foret et al.'s default
 
     @classmethod
     def validate_arguments(cls, args) -> None:
@@ -46,6 +47,7 @@ class ASAM(SAM):
 
     adaptive = True
     model_card_tags = ("asam",)
+    paper_rho = 0.5  # Kwon et al. (and the SAFT paper) with SGD/Adam; T = |w| makes the ball ~10x SAM's
 
     @classmethod
     def validate_arguments(cls, args) -> None:
