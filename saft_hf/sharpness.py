@@ -20,6 +20,7 @@ the result equals the one on the unsharded tensors. Plain tensors are reduced lo
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -85,6 +86,7 @@ def _multiply_by_scale_(
 
 
 # ---------------------------------------------------------------------- sharded tensors (FSDP2)
+@functools.lru_cache(maxsize=None)  # called for every tensor of every step: import once
 def _dtensor_class():
     try:
         from torch.distributed.tensor import DTensor

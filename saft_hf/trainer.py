@@ -240,9 +240,6 @@ class SAFTTrainerMixin:
         if not self._sam_step_due():
             return self._sam_plain_micro_batch(model, inputs, num_items_in_batch)
 
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
 
         strategy = self.sam_strategy
@@ -253,6 +250,11 @@ class SAFTTrainerMixin:
         step.accumulation_factor = float(self._normalize_like_parent(torch.ones(()), num_items_in_batch))
         loss = grads = bn_snapshot = None
         if strategy.takes_first_pass(step):
+            # train mode for the first pass (the second pass is Trainer.training_step, which sets it itself:
+            # a step without a first pass, e.g. RWP's or LookSAM's reuse steps, skips this walk of the modules)
+            model.train()
+            if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+                self.optimizer.train()
             loss, grads, step.first_pass_outputs = self._sam_first_pass(
                 model, first_pass_model, step.params, inputs, num_items_in_batch, strategy.needs_first_pass_outputs
             )
