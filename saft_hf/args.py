@@ -8,8 +8,6 @@ help text, so `HfArgumentParser` (command line, JSON, YAML) picks them up unchan
 
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -17,6 +15,7 @@ from typing import Optional
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
 from . import sam_variants
+from .argument_checks import check_bool, check_nonnegative, check_positive_int
 
 SAM_SCOPES = ("all", "weights")
 DEFAULT_SAM_VARIANT = "asam"
@@ -115,31 +114,6 @@ def build_sharpness_mixin(extra_argument_classes=()) -> type:
 SharpnessArgumentsMixin = build_sharpness_mixin(tuple(sam_variants.argument_classes()))
 
 
-def _check_number(args, name: str) -> None:
-    value = getattr(args, name)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
-    setattr(args, name, float(value))
-
-
-def _check_positive_int(args, name: str) -> None:
-    value = getattr(args, name)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r} ({type(value).__name__}).")
-    setattr(args, name, int(value))
-
-
-def _check_bool(args, name: str, allow_none: bool = False) -> None:
-    value = getattr(args, name)
-    if value is None and allow_none:
-        return
-    if not isinstance(value, bool):
-        hint = " (a string is not read as a boolean: write true/false without quotes)" if isinstance(value, str) else ""
-        raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__}){hint}.")
-
-
 def _resolve_variant(args) -> None:
     """Apply the deprecated `sam_adaptive` alias to `sam_variant`, then clear it (it only carries input)."""
     adaptive = args.sam_adaptive
@@ -165,11 +139,11 @@ def _resolve_variant(args) -> None:
 
 def validate_sharpness_arguments(args) -> None:
     """Check type and range of every SAM knob; raise a ValueError naming the bad one and the fix."""
-    _check_number(args, "sam_rho")
-    _check_number(args, "sam_eta")
-    _check_bool(args, "sam_sync_perturbation")
-    _check_positive_int(args, "sam_interval")
-    _check_bool(args, "sam_adaptive", allow_none=True)
+    check_nonnegative(args, "sam_rho")
+    check_nonnegative(args, "sam_eta")
+    check_bool(args, "sam_sync_perturbation")
+    check_positive_int(args, "sam_interval")
+    check_bool(args, "sam_adaptive", allow_none=True)
     if not isinstance(args.sam_scope, str) or args.sam_scope not in SAM_SCOPES:
         raise ValueError(f"sam_scope must be one of {SAM_SCOPES}, got {args.sam_scope!r}.")
     if not isinstance(args.sam_variant, str):

@@ -1,12 +1,10 @@
-"""What several variants share: the SAM/ASAM perturbation they build on, knob checks, gradient alignment.
+"""What several variants share: the SAM/ASAM perturbation they build on, its knob check, gradient alignment.
 
 Not a variant (the leading underscore keeps the package from importing it as one).
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -52,32 +50,6 @@ def check_base_variant(args, variant: str) -> None:
             f"sam_eta={args.sam_eta} only affects the ASAM perturbation; with sam_variant={variant!r} and "
             "sam_base_variant='sam' set sam_eta=0 (or sam_base_variant='asam')."
         )
-
-
-def check_fraction(args, name: str, *, allow_zero: bool = False) -> None:
-    """name must be a number in (0, 1] (or [0, 1] with allow_zero)."""
-    value = getattr(args, name)
-    low_ok = (lambda v: v >= 0) if allow_zero else (lambda v: v > 0)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not (
-        low_ok(value) and value <= 1
-    ):
-        interval = "[0, 1]" if allow_zero else "(0, 1]"
-        raise ValueError(f"{name} must be a number in {interval}, got {value!r}.")
-    setattr(args, name, float(value))
-
-
-def check_nonnegative(args, name: str) -> None:
-    value = getattr(args, name)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
-    setattr(args, name, float(value))
-
-
-def check_positive_int(args, name: str) -> None:
-    value = getattr(args, name)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-    setattr(args, name, int(value))
 
 
 def base_perturbation(args, step, grads, rho: float | None = None) -> Perturbation:

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import sharpness
+from ..argument_checks import check_fraction
 from ._common import BasePerturbationArguments, BuildsOnBasePerturbation
-from ._common import base_perturbation, check_base_variant, check_fraction
+from ._common import base_perturbation, check_base_variant
 from .base import SAMVariant
 from .registry import register_sam_variant
 

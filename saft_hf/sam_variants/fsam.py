@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import sharpness
-from ._common import check_fraction, check_nonnegative
+from ..argument_checks import check_fraction, check_nonnegative
 from .base import Perturbation, SAMVariant
 from .registry import register_sam_variant
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import sharpness
+from ..argument_checks import check_nonnegative, check_positive_int
 from ._common import BasePerturbationArguments, BuildsOnBasePerturbation
-from ._common import FirstPassSum, base_perturbation, check_base_variant
-from ._common import check_nonnegative, check_positive_int, present
+from ._common import FirstPassSum, base_perturbation, check_base_variant, present
 from .base import SAMVariant
 from .registry import register_sam_variant
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import sharpness
-from ._common import check_nonnegative
+from ..argument_checks import check_nonnegative
 from .base import Perturbation, SAMVariant
 from .registry import register_sam_variant
 

@@ -1,6 +1,7 @@
 """Cost of one step of every SAM variant relative to one plain step, same model and batch (a script, not a test).
 
     python tests/benchmarks/bench_sam_step.py [--reps 30] [--threads 1] [--models bert vit] [--variants ...]
+                                              [--batch-size 8]
 
 Time: `SAFTTrainer.training_step` + `optimizer.step()` + `zero_grad()` (+ the global step counter, so
 `sam_interval` and LookSAM alternate as in training), one trainer per variant on its own copy of the model,
@@ -38,8 +39,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def build(name: str, scale: str):
-    """A model from a config and a fixed batch for it."""
+def build(name: str, scale: str, batch_size: int = 8):
+    """A model from a config and a fixed batch of `batch_size` examples for it (8: the issue's measurement;
+    larger batches show how the per-parameter work of a variant shrinks relative to a step)."""
     torch.manual_seed(0)
     big = scale == "mem"
     if name == "bert":
@@ -52,8 +54,9 @@ def build(name: str, scale: str):
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         )
         model = BertForSequenceClassification(config)
-        ids = torch.randint(1, 1000, (8, 64))
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 4, (8,))}
+        ids = torch.randint(1, 1000, (batch_size, 64))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                 "labels": torch.randint(0, 4, (batch_size,))}
     elif name == "vit":
         from transformers import ViTConfig, ViTForImageClassification
 
@@ -64,7 +67,7 @@ def build(name: str, scale: str):
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         )
         model = ViTForImageClassification(config)
-        batch = {"pixel_values": torch.randn(8, 3, 64, 64), "labels": torch.randint(0, 10, (8,))}
+        batch = {"pixel_values": torch.randn(batch_size, 3, 64, 64), "labels": torch.randint(0, 10, (batch_size,))}
     else:
         raise ValueError(f"unknown model {name!r}: use bert or vit")
     return model, batch
@@ -84,12 +87,12 @@ VARIANTS = {
 TARGETS = {"asam-interval5": 1.3, "looksam-k5": 1.3, "rwp": 1.1, "esam": 1.6, "gsam": 2.1, "fsam": 2.1}
 
 
-def make_trainer(model, variant: str, workdir: str):
+def make_trainer(model, variant: str, workdir: str, batch_size: int = 8):
     from saft_hf import SAFTTrainer, SAFTTrainingArguments
 
     args = SAFTTrainingArguments(
         output_dir=workdir, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
-        per_device_train_batch_size=8, **VARIANTS[variant],
+        per_device_train_batch_size=batch_size, **VARIANTS[variant],
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     trainer = SAFTTrainer(model=model, args=args, optimizers=(optimizer, None))
@@ -104,10 +107,10 @@ def make_trainer(model, variant: str, workdir: str):
     return step
 
 
-def time_ratios(name: str, variants: list[str], reps: int, warmup: int, block: int) -> dict:
-    model, batch = build(name, "time")
+def time_ratios(name: str, variants: list[str], reps: int, warmup: int, block: int, batch_size: int = 8) -> dict:
+    model, batch = build(name, "time", batch_size)
     with tempfile.TemporaryDirectory() as workdir:
-        steps = {v: make_trainer(copy.deepcopy(model), v, workdir) for v in variants}
+        steps = {v: make_trainer(copy.deepcopy(model), v, workdir, batch_size) for v in variants}
         for _ in range(warmup):
             for v in variants:
                 for _ in range(block):
@@ -229,6 +232,8 @@ def main() -> int:
     parser.add_argument("--block", type=int, default=5, help="optimizer steps timed together per variant and rep")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = least noisy on a shared CPU)")
     parser.add_argument("--mem-steps", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="examples per step for the time measurement (default 8, x 64 tokens for BERT)")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-time", action="store_true", help="memory only")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -243,9 +248,10 @@ def main() -> int:
     transformers.logging.set_verbosity_error()
     variants = ["plain"] + [v for v in cli.variants if v != "plain"]
     print(f"torch {torch.__version__}, threads={cli.threads}, reps={cli.reps}, block={cli.block}, "
+          f"batch size {cli.batch_size} (time), "
           f"load avg={os.getloadavg()}")
     for name in cli.models:
-        t = (time_ratios(name, variants, cli.reps, cli.warmup, cli.block) if not cli.skip_time else
+        t = (time_ratios(name, variants, cli.reps, cli.warmup, cli.block, cli.batch_size) if not cli.skip_time else
              {v: {"ms_median": float("nan"), "ratio_median": float("nan"), "ratio_q1": float("nan"),
                   "ratio_q3": float("nan")} for v in variants} | {"params_M": float("nan")})
         m = None if cli.skip_memory else memory_overhead(name, variants, cli.mem_steps, cli.threads)
