@@ -38,9 +38,9 @@ class _CoreSharpnessArguments:
         default=0.5,
         metadata={
             "help": "Radius rho of the sharpness-aware perturbation (default 0.5: ASAM's, as in the SAFT paper). "
-            "The papers' radii: 0.05 for 'sam' and for 'looksam', 'gsam', 'esam' on plain SAM (0.5 with "
-            "sam_base_variant='asam'), 0.1 for 'fsam'; for 'rwp' it only switches the variant on (> 0). "
-            "0 disables SAM: the trainer then behaves exactly like `Trainer`."
+            "The papers' radii: " + sam_variants.registry.paper_radii_text() + ". With sam_base_variant='asam' "
+            "the variants built on plain SAM take ASAM's 0.5. 0 disables SAM: the trainer then behaves exactly "
+            "like `Trainer`."
         },
     )
     sam_variant: str = field(

@@ -56,3 +56,17 @@ def test_dispatcher_help(capsys):
         main(["demo", "--help"])
     assert exit_info.value.code == 0
     assert "--quick" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value,fragment", [
+    ("looksam", "write METHOD=RHO with METHOD one of"), ("nope=0.1", "write METHOD=RHO with METHOD one of"),
+    ("adamw=0.1", "write METHOD=RHO with METHOD one of"), ("looksam=nan", "RHO must be a finite number > 0"),
+    ("looksam=inf", "RHO must be a finite number > 0"), ("looksam=-1", "RHO must be a finite number > 0"),
+    ("looksam=0", "RHO must be a finite number > 0"), ("looksam=abc", "RHO must be a finite number > 0"),
+])
+def test_bad_sam_rho_is_a_usage_error_naming_the_item(value, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(["--sam-rho", value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --sam-rho: {value!r}: {fragment}" in err, err

@@ -14,8 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "saft_hf"
 
 # top-level name under saft_hf -> layer (0 = foundations ... 3 = command line)
 LAYERS = {
-    "args": 0, "argument_checks": 0, "recipe_args": 0, "sharpness": 0, "io_utils": 0, "model_paths": 0, "metrics": 0, "heads": 0,
-    "sam_variants": 0, "stats": 0, "live_taskvector": 0,
+    "args": 0, "argument_checks": 0, "recipe_args": 0, "sharpness": 0, "io_utils": 0, "model_paths": 0,
+    "metrics": 0, "heads": 0, "sam_variants": 0, "stats": 0, "live_taskvector": 0,
     "trainer": 1, "merging": 1, "finetuning": 1, "evaluation": 1, "analysis": 1, "pools": 1, "callbacks": 1,
     "wrap": 1, "trl": 1, "fsdp2": 1,
     "demo": 2, "vision": 2, "glue": 2, "tasks": 2, "testing": 2,

@@ -14,6 +14,7 @@ STUDY_SEEDS = (0, 1, 2)  # `--study`: three training seeds
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from saft_hf.demo.study import QUICK_OVERRIDES, StudyConfig, fine_tuning_methods
     from saft_hf.evaluation.merge_selection import merges_help
+    from saft_hf.sam_variants.registry import paper_radii_text
 
     d = StudyConfig()
     parser.add_argument("--quick", action="store_true",
@@ -48,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--asam-rho", type=float, default=d.asam_rho, help=f"ASAM neighbourhood size (default {d.asam_rho:g}, as in the paper)")
     parser.add_argument("--sam-rho", nargs="+", default=[], metavar="METHOD=RHO", type=_method_rho,
                         help="sam_rho of other --methods, e.g. looksam=0.1 (default: each variant's paper radius: "
-                        + _paper_rhos_text() + ")")
+                        + paper_radii_text(exclude=("asam",)) + "; asam: --asam-rho)")
     parser.add_argument("--max-length", type=int, default=d.max_length, help=f"max tokens per example (default {d.max_length})")
     parser.add_argument("--logit-scale", type=float, default=None,
                         help="zero-shot head logit scale (default: chosen by zero-shot validation loss)")
@@ -63,10 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _method_rho(text: str) -> tuple[str, float]:
     """METHOD=RHO of --sam-rho (argparse reports the ValueError's message as the bad value)."""
-    from saft_hf.demo.study import fine_tuning_methods
+    from saft_hf.demo.study import BASELINE_METHOD, fine_tuning_methods
 
     method, sep, value = text.partition("=")
-    methods = sorted(m for m in fine_tuning_methods() if m != "adamw")
+    methods = sorted(m for m in fine_tuning_methods() if m != BASELINE_METHOD)
     if not sep or method not in methods:
         raise argparse.ArgumentTypeError(f"{text!r}: write METHOD=RHO with METHOD one of {', '.join(methods)}")
     try:
@@ -77,12 +78,6 @@ def _method_rho(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{text!r}: RHO must be a finite number > 0 (use --methods adamw for no SAM)")
     return method, rho
 
-
-def _paper_rhos_text() -> str:
-    from saft_hf.sam_variants.registry import get_sam_variant, sam_variant_names
-
-    rhos = {n: get_sam_variant(n).default_rho() for n in sam_variant_names() if n != "asam"}
-    return ", ".join(f"{n} {r:g}" for n, r in rhos.items() if r is not None) + "; the rest --asam-rho"
 
 
 def config_from_args(args):

@@ -11,6 +11,7 @@ import torch
 
 from .. import sharpness
 from .base import Perturbation
+from .sam import ASAM
 
 BASE_VARIANTS = ("sam", "asam")
 
@@ -36,8 +37,6 @@ class BuildsOnBasePerturbation:
 
     @classmethod
     def default_rho(cls, args=None) -> float:
-        from .sam import ASAM
-
         return ASAM.paper_rho if getattr(args, "sam_base_variant", "sam") == "asam" else cls.paper_rho
 
 

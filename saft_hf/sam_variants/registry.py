@@ -54,6 +54,14 @@ def get_sam_variant(name: str) -> type[SAMVariant]:
         ) from None
 
 
+def paper_radii_text(exclude: tuple[str, ...] = ()) -> str:
+    """"asam 0.5, esam 0.05, ...; rwp: no radius": each registered variant's `default_rho()` (help texts)."""
+    radii = {n: _VARIANTS[n].default_rho() for n in sam_variant_names() if n not in exclude}
+    text = ", ".join(f"{n} {r:g}" for n, r in radii.items() if r is not None)
+    without = [n for n, r in radii.items() if r is None]
+    return text + (f"; {', '.join(without)}: no radius (sam_rho > 0 only switches it on)" if without else "")
+
+
 def argument_classes() -> list[type]:
     """The `arguments` dataclasses of the registered variants, without duplicates, in name order."""
     seen: list[type] = []
